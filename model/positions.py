@@ -1,4 +1,4 @@
-"""Relative position encodings of local attention: rotary (with optional xpos scaling) and dynamic position bias.
+"""Relative position encodings of local attention: rotary (optionally xpos-scaled) and dynamic position bias.
 
 Both are computed from small, window-relative positions: inside one attention frame of F = (lb + 1 + lf) * W
 keys, a key has frame position p in [0, F) and a query of window slot i has frame position (lb + lf) * W + i.
@@ -55,11 +55,11 @@ class RotaryEmbedding(nn.Module):
         """Rotate x (..., P, dim) at frame positions (P,). Queries take the xpos scale, keys its inverse."""
         angles = self.angles(positions)  # (P, dim)
         x32 = x.float()
-        rotated = x32 * angles.cos() + rotate_half(x32) * angles.sin()
-        if self.use_xpos:
-            scale = self.xpos_scale(positions, frame_len)  # (P, dim)
-            rotated = rotated / scale if inverse_scale else rotated * scale
-        return rotated.to(x.dtype)
+        if not self.use_xpos:
+            return (x32 * angles.cos() + rotate_half(x32) * angles.sin()).to(x.dtype)
+        scale = self.xpos_scale(positions, frame_len)  # (P, dim)
+        scale = scale**-1 if inverse_scale else scale
+        return (x32 * angles.cos() * scale + rotate_half(x32) * angles.sin() * scale).to(x.dtype)
 
     def rotate_queries_and_keys(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Rotate bucketed queries (..., W, d) and look-around keys (..., F, d) by their frame positions.

@@ -164,11 +164,15 @@ class LocalTransformer(nn.Module):
             look_backward = kwargs.get("look_backward", 1)
             look_forward = kwargs.get("look_forward", 0 if causal else 1)
             if look_backward + look_forward != 1:
-                raise ValueError("dynamic position bias spans two windows: it needs look_backward + look_forward == 1")
+                raise ValueError(
+                    "dynamic position bias spans two windows: it needs look_backward + look_forward == 1"
+                )
             self.dynamic_pos_bias = DynamicPositionBias(dim=dim // 2, heads=heads)
 
         self.streams = ResidualStreams(num_residual_streams)
-        global_layer_numbers = set(range(1, depth + 1) if layers_insert_global_attn is None else layers_insert_global_attn)
+        global_layer_numbers = set(
+            range(1, depth + 1) if layers_insert_global_attn is None else layers_insert_global_attn
+        )
         if not all(0 < number <= depth for number in global_layer_numbers):
             raise ValueError(f"layers_insert_global_attn must name layers 1..{depth}")
 
@@ -224,8 +228,8 @@ class LocalTransformer(nn.Module):
                 positions = torch.arange(tokens.shape[-1], device=tokens.device)
             if int(positions.max()) >= self.max_seq_len:
                 raise ValueError(
-                    f"position {int(positions.max())} is past max_seq_len {self.max_seq_len}: this model has a "
-                    "learned absolute position embedding and no context beyond it"
+                    f"position {int(positions.max())} is past max_seq_len {self.max_seq_len}: this model has "
+                    "a learned absolute position embedding and no context beyond it"
                 )
             x = x + self.pos_emb(positions)
         return x
@@ -242,7 +246,7 @@ class LocalTransformer(nn.Module):
 
         attn_bias = self.position_bias()
         x = self.streams.expand(x)
-        for (attention, feed_forward), global_layer in zip(self.layers, self.global_layers):
+        for (attention, feed_forward), global_layer in zip(self.layers, self.global_layers, strict=True):
             if global_layer is not None:
                 x = global_layer(x)
             x = attention(x, mask=mask, attn_bias=attn_bias)
