@@ -1,0 +1,314 @@
+"""Per-sequence sampling: each row of a batch has its own parameters, token counts and seeded generator.
+
+One step turns a batch of logits (B, V) into one token per row:
+
+    raw logits (float32)
+    -> repetition penalty (tokens seen in prompt or output), presence/frequency penalties (output only)
+    -> greedy rows: argmax
+    -> temperature, top-k and filter_thres, top-p, min-p
+    -> inverse CDF with one uniform number drawn from the row's own generator
+
+Every step is a row-wise tensor operation over the whole batch, and each row's randomness comes only from
+its own generator, so a seeded sequence gets the same tokens alone or in any batch. A row whose logits are
+NaN or +inf (or all -inf) fails alone: its token is -1 and its error says why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MAX_LOGPROBS = 20
+FAILED_TOKEN = -1
+_FAILURES = {
+    1: "logits contain NaN",
+    2: "logits contain +inf",
+    3: "all logits are -inf",
+    4: "logits overflowed to +inf after the repetition penalty",
+}
+_OVERFLOW = 4
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is out of range; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence picks its tokens. Defaults sample from the model's distribution unchanged."""
+
+    temperature: float = 1.0  # 0 means greedy argmax
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0  # keep tokens with p >= min_p * p_max
+    repetition_penalty: float = 1.0  # CTRL rule over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI rule over output tokens
+    frequency_penalty: float = 0.0
+    filter_thres: float | None = None  # local-attention's top_k(logits, thres): keep int((1 - thres) * V)
+    seed: int | None = None
+    logprobs: int = 0  # how many top alternatives to report
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raise SamplingError naming the first field that is out of range."""
+        t = self.temperature
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
+            raise SamplingError("temperature", f"must be a finite number >= 0, got {t!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise SamplingError("top_k", f"must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise SamplingError("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not math.isfinite(r) or r <= 0:
+            raise SamplingError("repetition_penalty", f"must be a finite number > 0, got {r!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise SamplingError(name, f"must be in [-2, 2], got {value!r}")
+        f = self.filter_thres
+        if f is not None and (not _is_number(f) or not 0 <= f < 1):
+            raise SamplingError("filter_thres", f"must be in [0, 1) or None, got {f!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise SamplingError("seed", f"must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
+        if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SamplingError("logprobs", f"must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
+
+
+class SequenceSampler:
+    """The sampling state of one sequence: its parameters, seeded generator and token counts."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device | str = "cpu") -> None:
+        params.validate()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.params = params
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            self.seed: int = self.generator.seed()
+        else:
+            self.seed = params.seed % 2**64  # negative seeds are valid in the API; torch wants unsigned
+            self.generator.manual_seed(self.seed)
+        self.prompt_seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)  # (V,)
+        self.output_counts = torch.zeros(vocab_size, dtype=torch.int32, device=self.device)  # (V,)
+        top_k = min(params.top_k or vocab_size, vocab_size)
+        filter_k = vocab_size if params.filter_thres is None else int((1 - params.filter_thres) * vocab_size)
+        # How many of the best tokens stay candidates: top_k and filter_thres together, at least one.
+        self.keep_top = 1 if params.greedy else max(1, min(top_k, filter_k))
+
+    def observe_prompt(self, ids: Sequence[int] | Tensor) -> None:
+        """Mark prompt tokens as seen, for the repetition penalty."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).flatten()  # (T,)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"prompt token ids must be in 0..{self.vocab_size - 1}")
+        self.prompt_seen[ids] = True
+
+    def record(self, token_id: int) -> None:
+        """Count a generated token (sample_batch does this itself for the tokens it picks)."""
+        self.output_counts[token_id] += 1
+
+
+@dataclass(frozen=True)
+class BatchParams:
+    """The per-row parameters of a batch as tensors on the logits' device."""
+
+    temperature: Tensor  # (B,)
+    top_p: Tensor  # (B,)
+    min_p: Tensor  # (B,)
+    repetition_penalty: Tensor  # (B,)
+    presence_penalty: Tensor  # (B,)
+    frequency_penalty: Tensor  # (B,)
+    keep_top: Tensor  # (B,) long
+    greedy: Tensor  # (B,) bool
+
+    @classmethod
+    def from_samplers(cls, samplers: Sequence[SequenceSampler], device: torch.device) -> BatchParams:
+        rows = [
+            (
+                p.temperature,
+                p.top_p,
+                p.min_p,
+                p.repetition_penalty,
+                p.presence_penalty,
+                p.frequency_penalty,
+            )
+            for p in (s.params for s in samplers)
+        ]
+        values = torch.tensor(rows, dtype=torch.float32, device=device)  # (B, 6)
+        keep_top = torch.tensor([s.keep_top for s in samplers], dtype=torch.long, device=device)  # (B,)
+        return cls(*values.unbind(1), keep_top=keep_top, greedy=values[:, 0] == 0)
+
+
+@dataclass
+class SampleResult:
+    """One step's picks. Failed rows have token -1, logprob 0.0, no alternatives and an error message."""
+
+    tokens: Tensor  # (B,) long
+    logprobs: Tensor  # (B,) float32, log-probability of each token under the raw logits
+    top_logprobs: list[list[tuple[int, float]]]
+    errors: list[str | None]
+
+
+def apply_penalties(logits: Tensor, seen: Tensor, counts: Tensor, params: BatchParams) -> Tensor:  # (B, V)
+    """Repetition penalty on seen tokens (prompt or output), then presence/frequency on output counts.
+
+    logits (B, V) float32; seen (B, V) bool; counts (B, V) of generated-token counts.
+    """
+    counts = counts.to(logits.dtype)  # (B, V)
+    seen = seen | (counts > 0)  # (B, V)
+    rep = params.repetition_penalty[:, None]  # (B, 1)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)  # (B, V)
+    logits = torch.where(seen, penalised, logits)  # (B, V)
+    presence = params.presence_penalty[:, None] * (counts > 0)  # (B, V)
+    return logits - presence - params.frequency_penalty[:, None] * counts  # (B, V)
+
+
+def _failure_codes(logits: Tensor) -> Tensor:  # (B,) long, 0 = fine, else a key of _FAILURES
+    nan = logits.isnan().any(-1)  # (B,)
+    pos_inf = logits.isposinf().any(-1)  # (B,)
+    all_neg_inf = logits.isneginf().all(-1)  # (B,)
+    code = torch.where(all_neg_inf, 3, 0)
+    code = torch.where(pos_inf, 2, code)
+    return torch.where(nan, 1, code)
+
+
+def _penalised(
+    logits: Tensor, samplers: Sequence[SequenceSampler], params: BatchParams
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(raw float32 logits, penalised logits, failure codes); failed rows are zeroed in both."""
+    raw = logits.float()  # (B, V)
+    code = _failure_codes(raw)  # (B,)
+    raw = raw.masked_fill(code[:, None] > 0, 0.0)
+    seen = torch.stack([s.prompt_seen for s in samplers])  # (B, V)
+    counts = torch.stack([s.output_counts for s in samplers])  # (B, V)
+    penalised = apply_penalties(raw, seen, counts, params)  # (B, V)
+    code = torch.where(code > 0, code, (_failure_codes(penalised) > 0) * _OVERFLOW)  # (B,)
+    penalised = penalised.masked_fill(code[:, None] > 0, 0.0)
+    return raw, penalised, code
+
+
+def _filter_sorted(penalised: Tensor, params: BatchParams) -> tuple[Tensor, Tensor]:
+    """Temperature and the candidate filters, on each row sorted best first.
+
+    Returns (scaled logits, token ids), both (B, V) in descending order; the best is 0, removed are -inf.
+    A stable sort puts the lowest id first among ties, so rank 0 is the argmax.
+    """
+    ordered, ids = penalised.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    tiny = torch.finfo(torch.float32).tiny  # a temperature that underflowed to 0 in float32 stays > 0
+    temperature = torch.where(params.greedy, 1.0, params.temperature.clamp(min=tiny))  # (B,)
+    scaled = (ordered - ordered[:, :1]) / temperature[:, None]  # (B, V)
+    ranks = torch.arange(ordered.shape[-1], device=ordered.device)  # (V,)
+    keep = ranks[None, :] < params.keep_top[:, None]  # (B, V)
+    probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)  # (B, V)
+    mass_before = probs.cumsum(-1) - probs  # (B, V) probability ranked above each token
+    top_p = params.top_p[:, None]  # (B, 1)
+    keep &= (mass_before < top_p) | (top_p >= 1)
+    keep &= scaled >= params.min_p.log()[:, None]  # p / p_max >= min_p, in log space
+    return scaled.masked_fill(~keep, -math.inf), ids
+
+
+def process_logits(logits: Tensor, samplers: Sequence[SequenceSampler]) -> Tensor:  # (B, V)
+    """The distribution each row samples from, as float32 logits in vocabulary order.
+
+    Each row is shifted so its best token is 0; removed tokens (and every token of a failed row) are -inf.
+    """
+    params = BatchParams.from_samplers(samplers, logits.device)
+    _, penalised, code = _penalised(logits, samplers, params)
+    scaled, ids = _filter_sorted(penalised, params)  # (B, V)
+    out = torch.full_like(scaled, -math.inf).scatter_(1, ids, scaled)  # (B, V)
+    return out.masked_fill(code[:, None] > 0, -math.inf)
+
+
+def _uniforms(samplers: Sequence[SequenceSampler], device: torch.device) -> Tensor:  # (B,)
+    """One uniform number in [0, 1) per row from that row's generator; greedy rows draw nothing."""
+    draws = [
+        torch.zeros(1, device=device)
+        if s.params.greedy
+        else torch.rand(1, generator=s.generator, device=device)
+        for s in samplers
+    ]
+    return torch.cat(draws)
+
+
+def _draw(scaled: Tensor, ids: Tensor, uniforms: Tensor) -> Tensor:  # (B,) long
+    """Inverse CDF: the first sorted token whose cumulative weight exceeds u * total."""
+    weights = scaled.exp()  # (B, V), the best token has weight 1
+    cdf = weights.cumsum(-1)  # (B, V)
+    target = uniforms[:, None] * cdf[:, -1:]  # (B, 1)
+    rank = torch.searchsorted(cdf, target, right=True)  # (B, 1)
+    last = (weights > 0).sum(-1, keepdim=True) - 1  # (B, 1) rounding can put target at the total
+    return ids.gather(1, torch.minimum(rank, last)).squeeze(1)
+
+
+def _top_logprobs(
+    logprobs: Tensor, samplers: Sequence[SequenceSampler], failed: list[bool]
+) -> list[list[tuple[int, float]]]:
+    wanted = [0 if bad else s.params.logprobs for s, bad in zip(samplers, failed, strict=True)]
+    most = min(max(wanted, default=0), logprobs.shape[-1])
+    if most == 0:
+        return [[] for _ in samplers]
+    values, ids = logprobs.topk(most, dim=-1)  # (B, most)
+    rows = zip(ids.tolist(), values.tolist(), wanted, strict=True)
+    return [
+        [(i, v) for i, v in zip(row_ids[:n], row_values[:n], strict=True) if v != -math.inf]
+        for row_ids, row_values, n in rows
+    ]
+
+
+def sample_batch(logits: Tensor, samplers: Sequence[SequenceSampler]) -> SampleResult:
+    """Pick one token per row of logits (B, V) with that row's sampler, and count it there."""
+    if logits.dim() != 2 or logits.shape[0] != len(samplers):
+        raise ValueError(
+            f"expected logits (B, V) with B = {len(samplers)} samplers, got {tuple(logits.shape)}"
+        )
+    if len({id(s) for s in samplers}) != len(samplers):
+        raise ValueError("each row needs its own sampler; one sampler appears twice")
+    for s in samplers:
+        if s.vocab_size != logits.shape[-1] or s.device.type != logits.device.type:
+            raise ValueError(
+                f"sampler for vocab {s.vocab_size} on {s.device} does not fit logits "
+                f"{tuple(logits.shape)} on {logits.device}"
+            )
+    device = logits.device
+    params = BatchParams.from_samplers(samplers, device)
+    raw, penalised, code = _penalised(logits, samplers, params)
+    failed = code > 0  # (B,)
+    scaled, ids = _filter_sorted(penalised, params)  # (B, V)
+    tokens = _draw(scaled, ids, _uniforms(samplers, device))  # (B,)
+    tokens = tokens.masked_fill(failed, FAILED_TOKEN)
+
+    raw_logprobs = torch.log_softmax(raw, dim=-1)  # (B, V)
+    safe = tokens.clamp(min=0)  # (B,)
+    chosen = raw_logprobs.gather(1, safe[:, None]).squeeze(1).masked_fill(failed, 0.0)  # (B,)
+
+    counts = torch.stack([s.output_counts for s in samplers])  # (B, V)
+    counts.scatter_add_(1, safe[:, None], (~failed)[:, None].to(counts.dtype))
+    for s, row in zip(samplers, counts.unbind(0), strict=True):
+        s.output_counts = row
+
+    codes = code.tolist()
+    failed_rows = [c > 0 for c in codes]
+    errors = [_FAILURES[c] if c else None for c in codes]
+    return SampleResult(tokens, chosen, _top_logprobs(raw_logprobs, samplers, failed_rows), errors)
