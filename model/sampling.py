@@ -244,9 +244,7 @@ def process_logits(logits: Tensor, samplers: Sequence[SequenceSampler]) -> Tenso
 def _uniforms(samplers: Sequence[SequenceSampler], device: torch.device) -> Tensor:  # (B,)
     """One uniform number in [0, 1) per row from that row's generator; greedy rows draw nothing."""
     draws = [
-        torch.zeros(1, device=device)
-        if s.params.greedy
-        else torch.rand(1, generator=s.generator, device=device)
+        torch.zeros(1, device=device) if s.params.greedy else torch.rand(1, generator=s.generator, device=device)
         for s in samplers
     ]
     return torch.cat(draws)
@@ -280,9 +278,7 @@ def _top_logprobs(
 def sample_batch(logits: Tensor, samplers: Sequence[SequenceSampler]) -> SampleResult:
     """Pick one token per row of logits (B, V) with that row's sampler, and count it there."""
     if logits.dim() != 2 or logits.shape[0] != len(samplers):
-        raise ValueError(
-            f"expected logits (B, V) with B = {len(samplers)} samplers, got {tuple(logits.shape)}"
-        )
+        raise ValueError(f"expected logits (B, V) with B = {len(samplers)} samplers, got {tuple(logits.shape)}")
     if len({id(s) for s in samplers}) != len(samplers):
         raise ValueError("each row needs its own sampler; one sampler appears twice")
     for s in samplers:

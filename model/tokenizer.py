@@ -19,8 +19,7 @@ def _check_ids(ids: Iterable[int]) -> None:
     for position, token_id in enumerate(ids):
         if not 0 <= token_id < VOCAB_SIZE:
             raise ValueError(
-                f"token id {token_id} at position {position} is outside the byte vocabulary "
-                f"0..{VOCAB_SIZE - 1}"
+                f"token id {token_id} at position {position} is outside the byte vocabulary 0..{VOCAB_SIZE - 1}"
             )
 
 

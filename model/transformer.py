@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from model.attention import LocalAttention
+from model.decode import CachedStep
 from model.positions import DynamicPositionBias, l2norm
 from model.residual import ResidualStreams
 
@@ -87,10 +88,24 @@ class LocalMHA(nn.Module):
             attended = attended * gates.sigmoid()
         return self.to_out(rearrange(attended, "b h n d -> b n (h d)"))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
-        """x (b, n, dim), mask (b, n) of positions to keep, attn_bias (h, W, frame) -> (b, n, dim)."""
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        attn_bias: Tensor | None = None,
+        cached: CachedStep | None = None,
+    ) -> Tensor:
+        """x (b, n, dim), mask (b, n) of positions to keep, attn_bias (h, W, frame) -> (b, n, dim).
+
+        With `cached`, x holds the new tokens of a cached step and attends to the sliding KV cache instead.
+        """
         x, q, k, v = self.project(x)
-        return self.output(x, self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias))
+        if cached is None:
+            return self.output(x, self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias))
+        if self.attn_fn.shared_qk:
+            k = l2norm(k)
+        scale = self.dim_head**-0.5 if self.attn_fn.scale is None else self.attn_fn.scale
+        return self.output(x, cached.attend(q, k, v, scale))
 
 
 class GEGLU(nn.Module):
@@ -164,9 +179,7 @@ class LocalTransformer(nn.Module):
             look_backward = kwargs.get("look_backward", 1)
             look_forward = kwargs.get("look_forward", 0 if causal else 1)
             if look_backward + look_forward != 1:
-                raise ValueError(
-                    "dynamic position bias spans two windows: it needs look_backward + look_forward == 1"
-                )
+                raise ValueError("dynamic position bias spans two windows: it needs look_backward + look_forward == 1")
             self.dynamic_pos_bias = DynamicPositionBias(dim=dim // 2, heads=heads)
 
         self.streams = ResidualStreams(num_residual_streams)
@@ -234,6 +247,25 @@ class LocalTransformer(nn.Module):
             x = x + self.pos_emb(positions)
         return x
 
+    def run_layers(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        attn_bias: Tensor | None = None,
+        cached_steps: list[CachedStep] | None = None,
+    ) -> Tensor:
+        """Embeddings (b, n, dim) through every layer -> hidden states (b, n, dim), before the final norm."""
+        x = self.streams.expand(x)
+        for index, ((attention, feed_forward), global_layer) in enumerate(
+            zip(self.layers, self.global_layers, strict=True)
+        ):
+            if global_layer is not None:
+                x = global_layer(x)
+            cached = None if cached_steps is None else cached_steps[index]
+            x = attention(x, mask=mask, attn_bias=attn_bias, cached=cached)
+            x = feed_forward(x)
+        return self.streams.reduce(x)
+
     def forward(self, x: Tensor, mask: Tensor | None = None, return_loss: bool = False) -> Tensor:
         """Token ids (b, n) -> logits (b, n, num_tokens), or the next-token loss with `return_loss`.
 
@@ -244,18 +276,34 @@ class LocalTransformer(nn.Module):
         if self.has_embed_unembed:
             x = self.embed(x)
 
-        attn_bias = self.position_bias()
-        x = self.streams.expand(x)
-        for (attention, feed_forward), global_layer in zip(self.layers, self.global_layers, strict=True):
-            if global_layer is not None:
-                x = global_layer(x)
-            x = attention(x, mask=mask, attn_bias=attn_bias)
-            x = feed_forward(x)
-        x = self.streams.reduce(x)
-
+        x = self.run_layers(x, mask=mask, attn_bias=self.position_bias())
         if not self.has_embed_unembed:
             return x
         logits = self.to_logits(x)
         if not return_loss:
             return logits
         return F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels, ignore_index=self.ignore_index)
+
+    def generate(
+        self,
+        prime: Tensor,
+        seq_len: int,
+        temperature: float = 1.0,
+        filter_thres: float = 0.9,
+        use_kv_cache: bool = True,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Sample seq_len tokens after prime (b, n) -> (b, seq_len); local-attention's generate signature.
+
+        With the cache (the default) each token costs the same however long the text; without it every step
+        runs the full forward over the last max_seq_len tokens. `seed` makes sampling reproducible.
+        """
+        from model.generate import generate, generate_uncached
+
+        run = generate if use_kv_cache else generate_uncached
+        was_training = self.training
+        self.eval()
+        try:
+            return run(self, prime, seq_len, temperature=temperature, filter_thres=filter_thres, seed=seed)
+        finally:
+            self.train(was_training)

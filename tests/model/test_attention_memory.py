@@ -21,9 +21,7 @@ print((after - before) * 1024)
 
 
 def test_forward_over_32k_positions_stays_far_below_dense_attention() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, check=True)
     growth = int(result.stdout.split()[-1])
     dense_scores = 32768 * 32768 * 4  # one float32 n x n score matrix: 4 GiB
     assert growth < 512 * 2**20, f"attention over 32k positions grew the process by {growth / 2**20:.0f} MiB"

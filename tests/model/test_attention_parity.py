@@ -68,9 +68,7 @@ def test_attention_matches_reference(layout: dict) -> None:
         reference, ours = pair(**layout, autopad=True, scale=0.5)
         length = 4 * WINDOW + 3  # not a multiple of the window
         assert_same(reference, ours, q[..., :length, :], k[..., :length, :], v[..., :length, :])
-        assert_same(
-            reference, ours, q[..., :length, :], k[..., :length, :], v[..., :length, :], mask=mask[:, :length]
-        )
+        assert_same(reference, ours, q[..., :length, :], k[..., :length, :], v[..., :length, :], mask=mask[:, :length])
 
 
 def test_forward_time_window_size_with_xpos() -> None:
@@ -130,9 +128,7 @@ def dense_allowed(
     look_forward=st.integers(0, 2),
     seed=st.integers(0, 2**16),
 )
-def test_masking_rule_equals_dense_attention(
-    windows, window, causal, exact, look_backward, look_forward, seed
-) -> None:
+def test_masking_rule_equals_dense_attention(windows, window, causal, exact, look_backward, look_forward, seed) -> None:
     if causal:
         look_forward = 0
     n = windows * window

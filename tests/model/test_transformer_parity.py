@@ -75,9 +75,7 @@ def build_kwargs(geometry: dict, block: dict) -> dict:
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: "-".join(f"{k}={v}" for k, v in b.items()))
 @pytest.mark.parametrize("geometry", geometries(), ids=lambda g: "-".join(f"{k}={v}" for k, v in g.items()))
 def test_logits_match_reference(geometry: dict, block: dict) -> None:
-    reference, ours = reference_and_ours(
-        seed=len(str(geometry)) + len(str(block)), **build_kwargs(geometry, block)
-    )
+    reference, ours = reference_and_ours(seed=len(str(geometry)) + len(str(block)), **build_kwargs(geometry, block))
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 256, (2, 3 * WINDOW + 5), generator=generator)  # not a multiple of the window
     mask = torch.rand(tokens.shape, generator=generator) > 0.25
@@ -90,21 +88,15 @@ def test_logits_match_reference(geometry: dict, block: dict) -> None:
 
 
 def test_loss_matches_reference() -> None:
-    reference, ours = reference_and_ours(
-        num_tokens=256, max_seq_len=64, dim=32, depth=2, local_attn_window_size=8
-    )
+    reference, ours = reference_and_ours(num_tokens=256, max_seq_len=64, dim=32, depth=2, local_attn_window_size=8)
     tokens = torch.randint(0, 256, (3, 30))
     tokens[0, -1] = -1  # a label equal to ignore_index
     with torch.no_grad():
-        assert torch.allclose(
-            reference(tokens, return_loss=True), ours(tokens, return_loss=True), atol=TOLERANCE
-        )
+        assert torch.allclose(reference(tokens, return_loss=True), ours(tokens, return_loss=True), atol=TOLERANCE)
 
 
 def test_without_token_embedding_maps_hidden_states() -> None:
-    reference, ours = reference_and_ours(
-        num_tokens=None, max_seq_len=64, dim=32, depth=2, local_attn_window_size=8
-    )
+    reference, ours = reference_and_ours(num_tokens=None, max_seq_len=64, dim=32, depth=2, local_attn_window_size=8)
     x = torch.randn(2, 21, 32)
     with torch.no_grad():
         assert (reference(x) - ours(x)).abs().max() <= TOLERANCE
@@ -142,9 +134,7 @@ def test_absolute_positions_refuse_past_max_seq_len() -> None:
 
 
 def test_strict_load_rejects_foreign_keys() -> None:
-    reference, ours = reference_and_ours(
-        num_tokens=256, max_seq_len=64, dim=32, depth=1, local_attn_window_size=8
-    )
+    reference, ours = reference_and_ours(num_tokens=256, max_seq_len=64, dim=32, depth=1, local_attn_window_size=8)
     state = reference.state_dict()
     state["unexpected.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="unexpected"):

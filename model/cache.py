@@ -1,0 +1,100 @@
+"""SlidingKVCache: keys and values of the last few positions of every sequence slot, in ring buffers.
+
+A causal query at position t with window W and look_backward lb sees keys from
+    t - W * lb           (exact windows)        -> at most W * lb + 1 keys, or
+    (t // W - lb) * W    (bucketed windows)     -> at most W * (lb + 1) keys,
+up to t itself. So each slot keeps `capacity` = that many positions per layer, and the key of position p lives at
+ring index p % capacity: writing position t overwrites position t - capacity, which no query at t or later can
+see. Memory per slot is fixed, however long the text.
+
+Worked example, W = 4, lb = 1, exact windows: capacity = 5. After positions 0..6 are written the ring holds
+
+    index      0  1  2  3  4
+    position   5  6  2  3  4
+
+and the query at t = 6 sees positions 2..6, all of them. Writing t = 7 replaces position 2 (index 2), which
+the query at 7 (seeing 3..7) no longer needs. Before position 4 is written, the ring also holds entries of no
+position of this text (p < start), which the attention masks out.
+
+Keys are stored before rotary embedding: rotation angles are computed from positions relative to the current
+attention frame at every step, so they stay small and exact at any length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cache_capacity(window_size: int, look_backward: int, exact_windowsize: bool) -> int:
+    """Positions a causal sliding window can see, the query's own included."""
+    if exact_windowsize:
+        return window_size * look_backward + 1
+    return window_size * (look_backward + 1)
+
+
+class SlidingKVCache:
+    """Fixed-size ring buffers of keys and values: (layers, slots, heads, capacity, dim_head) each.
+
+    `lengths[s]` is the next position slot s will write and `starts[s]` the position its text began at: keys
+    of positions before the start are never seen. A slot is reused by resetting both.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_slots: int,
+        heads: int,
+        dim_head: int,
+        capacity: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (num_layers, num_slots, heads, capacity, dim_head)
+        self.capacity = capacity
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.starts = torch.zeros(num_slots, dtype=torch.long, device=device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.keys.shape[1]
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def reset(self, slots: Tensor | list[int] | int, start: int = 0) -> None:
+        """Begin new texts in `slots` at position `start`; what the slots held before is never seen again."""
+        if start < 0:
+            raise ValueError(f"a text cannot start at a negative position ({start})")
+        self.lengths[slots] = start
+        self.starts[slots] = start
+
+    def ring_positions(self, last_positions: Tensor) -> Tensor:
+        """Position held at each ring index (B, capacity) when the newest written position is last (B,).
+
+        Entries that no position has reached yet come out negative.
+        """
+        index = torch.arange(self.capacity, device=last_positions.device)  # (C,)
+        last = last_positions[:, None]  # (B, 1)
+        return last - (last - index) % self.capacity  # (B, C)
+
+    def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, heads, capacity, dim_head) of one layer for the given slots."""
+        return self.keys[layer, slots], self.values[layer, slots]
+
+    def write(self, layer: int, slots: Tensor, first_position: Tensor, keys: Tensor, values: Tensor) -> None:
+        """Store keys and values (B, heads, L, dim_head) of positions first..first+L-1 of each slot.
+
+        Only the newest `capacity` positions are kept, so no two writes land on one ring index.
+        """
+        length = keys.shape[-2]
+        kept = min(length, self.capacity)
+        offsets = torch.arange(length - kept, length, device=keys.device)  # (kept,)
+        index = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
+        rows = slots[:, None].expand_as(index)  # (B, kept)
+        # advanced indexing puts the (B, kept) index dims first: (B, kept, heads, dim_head)
+        self.keys[layer, rows, :, index] = keys[:, :, length - kept :].transpose(1, 2)
+        self.values[layer, rows, :, index] = values[:, :, length - kept :].transpose(1, 2)

@@ -1,0 +1,171 @@
+"""Cached generation: chunked prefill, one batched decode step over slots, and a token generator.
+
+The Decoder owns a model's sliding KV cache. It knows token ids and slots only; scheduling (which slots run,
+when a request starts or stops) belongs to its caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from model.cache import SlidingKVCache
+from model.decode import CachedStep, StepPlanner
+from model.sampling import SamplingParams, SequenceSampler, sample_batch
+from model.transformer import LocalTransformer
+
+
+class ContextLimitError(ValueError):
+    """A position past max_seq_len of a model with a learned absolute position embedding."""
+
+
+class Decoder:
+    """Runs a causal LocalTransformer over a fixed number of sequence slots with a sliding KV cache."""
+
+    def __init__(
+        self,
+        model: LocalTransformer,
+        num_slots: int,
+        *,
+        prefill_chunk: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not model.has_embed_unembed:
+            raise ValueError("generation needs a model with a token embedding (num_tokens)")
+        parameter = next(model.parameters())
+        self.model = model
+        self.planner = StepPlanner(model)
+        self.window_size = self.planner.window_size
+        chunk = self.window_size if prefill_chunk is None else prefill_chunk
+        if chunk < 1 or chunk % self.window_size:
+            raise ValueError(f"prefill_chunk must be a positive multiple of the window size {self.window_size}")
+        self.prefill_chunk = chunk
+        first_attention = model.attention_layers[0]
+        self.cache = SlidingKVCache(
+            num_layers=len(model.layers),
+            num_slots=num_slots,
+            heads=first_attention.heads,
+            dim_head=first_attention.dim_head,
+            capacity=self.planner.capacity,
+            device=parameter.device if device is None else device,
+            dtype=parameter.dtype if dtype is None else dtype,
+        )
+
+    @property
+    def context_limit(self) -> int | None:
+        """Positions the model can take at most, or None when it has no absolute position embedding."""
+        return self.model.max_seq_len if self.model.use_abs_pos_emb else None
+
+    def reset(self, slot: int, start: int = 0) -> None:
+        """Begin a new text in `slot`, at position `start` (0 unless continuing a longer text)."""
+        self.cache.reset(slot, start)
+
+    def position(self, slot: int) -> int:
+        """Tokens the slot has consumed so far."""
+        return int(self.cache.lengths[slot])
+
+    @torch.no_grad()
+    def step(self, slots: Tensor, tokens: Tensor) -> Tensor:
+        """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens)."""
+        model, cache = self.model, self.cache
+        length = tokens.shape[1]
+        first = cache.lengths[slots]  # (B,)
+        positions = first[:, None] + torch.arange(length, device=tokens.device)  # (B, L)
+        limit = self.context_limit
+        if limit is not None and int(positions.max()) >= limit:
+            raise ContextLimitError(f"position {int(positions.max())} is past this model's max_seq_len {limit}")
+        x = model.embed(tokens, positions)  # (B, L, dim)
+        plan = self.planner.plan(cache, slots, length)
+        steps = [CachedStep(cache, layer, plan) for layer in range(len(model.layers))]
+        hidden = model.run_layers(x, cached_steps=steps)
+        cache.lengths[slots] += length
+        return model.to_logits(hidden)
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """End of the prefill chunk starting at `start`: the next multiple of the chunk size, at most `end`."""
+        return min(end, (start // self.prefill_chunk + 1) * self.prefill_chunk)
+
+    def prefill(self, slot: int, tokens: Sequence[int] | Tensor) -> Tensor:
+        """Feed a prompt to one slot chunk by chunk -> logits (num_tokens,) after its last token."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.lengths.device)
+        if tokens.numel() == 0:
+            raise ValueError("cannot prefill an empty prompt")
+        slots = torch.tensor([slot], device=tokens.device)
+        start, logits = 0, None
+        while start < tokens.numel():
+            position = self.position(slot)
+            end = start + self.chunk_end(position, position + tokens.numel() - start) - position
+            logits = self.step(slots, tokens[None, start:end])[0, -1]
+            start = end
+        return logits
+
+    def decode(self, slots: Tensor, tokens: Tensor) -> Tensor:
+        """One token (B,) for each of slots (B,) -> next-token logits (B, num_tokens)."""
+        return self.step(slots, tokens[:, None])[:, 0]
+
+
+def reference_samplers(
+    batch: int, vocab_size: int, temperature: float, filter_thres: float, seed: int | None, device: torch.device
+) -> list[SequenceSampler]:
+    """One sampler per row with local-attention's sampling: top (1 - filter_thres) of the vocabulary."""
+    samplers = []
+    for row in range(batch):
+        params = SamplingParams(
+            temperature=temperature, filter_thres=filter_thres, seed=None if seed is None else seed + row
+        )
+        samplers.append(SequenceSampler(params, vocab_size, device=device))
+    return samplers
+
+
+def next_tokens(logits: Tensor, samplers: list[SequenceSampler]) -> Tensor:
+    """Sample one token per row of logits (b, V); a row that cannot be sampled raises."""
+    result = sample_batch(logits, samplers)
+    for row, error in enumerate(result.errors):
+        if error is not None:
+            raise ValueError(f"cannot sample row {row}: {error}")
+    return result.tokens
+
+
+@torch.no_grad()
+def generate(
+    model: LocalTransformer,
+    prime: Tensor,
+    seq_len: int,
+    temperature: float = 1.0,
+    filter_thres: float = 0.9,
+    seed: int | None = None,
+) -> Tensor:
+    """Sample seq_len tokens after each row of prime (b, n) with the sliding cache -> (b, seq_len)."""
+    batch = prime.shape[0]
+    samplers = reference_samplers(batch, model.num_tokens, temperature, filter_thres, seed, prime.device)
+    decoder = Decoder(model, num_slots=batch)
+    logits = torch.stack([decoder.prefill(slot, prime[slot]) for slot in range(batch)])  # (b, V)
+    slots = torch.arange(batch, device=prime.device)
+    sampled = []
+    for index in range(seq_len):
+        token = next_tokens(logits, samplers)  # (b,)
+        sampled.append(token)
+        if index + 1 < seq_len:
+            logits = decoder.decode(slots, token)
+    return torch.stack(sampled, dim=1) if sampled else prime.new_zeros((batch, 0))
+
+
+@torch.no_grad()
+def generate_uncached(
+    model: LocalTransformer,
+    prime: Tensor,
+    seq_len: int,
+    temperature: float = 1.0,
+    filter_thres: float = 0.9,
+    seed: int | None = None,
+) -> Tensor:
+    """generate() by a full forward per token over the last max_seq_len tokens: slow, for comparison."""
+    samplers = reference_samplers(prime.shape[0], model.num_tokens, temperature, filter_thres, seed, prime.device)
+    out = prime
+    for _ in range(seq_len):
+        logits = model(out[:, -model.max_seq_len :])[:, -1]
+        out = torch.cat((out, next_tokens(logits, samplers)[:, None]), dim=1)
+    return out[:, prime.shape[1] :]

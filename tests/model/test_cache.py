@@ -1,0 +1,211 @@
+"""Cached decoding against the full forward: exact over every window boundary, in every supported layout."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model
+from model.cache import SlidingKVCache, cache_capacity
+from model.generate import ContextLimitError, Decoder
+from tests.model.helpers import randomize_
+
+TOLERANCE = 1e-4
+WINDOW = 4
+
+
+def build(seed: int = 0, **kwargs) -> model.LocalTransformer:
+    torch.manual_seed(seed)
+    options = dict(num_tokens=256, max_seq_len=512, dim=32, depth=2, heads=2, dim_head=8)
+    options.update(local_attn_window_size=WINDOW, **kwargs)
+    return randomize_(model.LocalTransformer(**options), seed).eval()
+
+
+def layouts() -> list[dict]:
+    found = []
+    for positions, look_backward, exact, shared_qk, qk_rmsnorm, gates, streams in itertools.product(
+        ("rotary", "xpos", "dynamic_bias"), (1, 2), (True, False), (False, True), (False, True), (False, True), (1, 4)
+    ):
+        if positions == "dynamic_bias" and look_backward != 1:
+            continue
+        found.append(
+            dict(
+                use_xpos=positions == "xpos",
+                use_dynamic_pos_bias=positions == "dynamic_bias",
+                look_backward=look_backward,
+                exact_windowsize=exact,
+                shared_qk=shared_qk,
+                qk_rmsnorm=qk_rmsnorm,
+                gate_values_per_head=gates,
+                num_residual_streams=streams,
+            )
+        )
+    return found
+
+
+@pytest.mark.parametrize("layout", layouts(), ids=lambda g: "-".join(f"{k}={v}" for k, v in g.items()))
+def test_cached_decoding_equals_full_forward(layout: dict) -> None:
+    net = build(**layout)
+    length = 3 * WINDOW * (layout["look_backward"] + 1) + WINDOW + 1  # crosses every boundary case
+    tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = net(tokens)[0]  # (n, V)
+
+    decoder = Decoder(net, num_slots=3)
+    slot = torch.tensor([1])
+    for position in range(length):
+        logits = decoder.decode(slot, tokens[:, position])[0]
+        assert (logits - full[position]).abs().max() <= TOLERANCE, f"position {position}"
+
+    chunked = Decoder(net, num_slots=1, prefill_chunk=2 * WINDOW)
+    prompt = 2 * WINDOW + 3
+    assert (chunked.prefill(0, tokens[0, :prompt]) - full[prompt - 1]).abs().max() <= TOLERANCE
+    for position in range(prompt, length):
+        logits = chunked.decode(torch.tensor([0]), tokens[:, position])[0]
+        assert (logits - full[position]).abs().max() <= TOLERANCE, f"position {position} after prefill"
+
+
+@pytest.mark.parametrize("chunk", [WINDOW, 3 * WINDOW])
+def test_chunked_prefill_equals_full_forward_at_every_length(chunk: int) -> None:
+    net = build(look_backward=2, exact_windowsize=False)
+    tokens = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = net(tokens[None])[0]
+    for length in range(1, 40, 3):
+        decoder = Decoder(net, num_slots=1, prefill_chunk=chunk)
+        assert (decoder.prefill(0, tokens[:length]) - full[length - 1]).abs().max() <= TOLERANCE
+
+
+def test_batched_slots_equal_each_slot_alone_and_survive_reuse() -> None:
+    net = build(seed=1)
+    generator = torch.Generator().manual_seed(7)
+    texts = [torch.randint(0, 256, (80,), generator=generator) for _ in range(5)]
+    with torch.no_grad():
+        expected = [net(text[None])[0] for text in texts]
+
+    decoder = Decoder(net, num_slots=4)
+    prompt_lengths = [1, 5, 9, 14]  # every slot at another place in its window
+    positions = {}
+    for slot, length in enumerate(prompt_lengths):
+        decoder.prefill(slot, texts[slot][:length])
+        positions[slot] = length
+    owner = {slot: slot for slot in range(4)}
+
+    for step in range(40):
+        if step == 17:  # slot 2 finishes; a new text takes its place without disturbing the others
+            decoder.reset(2)
+            owner[2] = 4
+            decoder.prefill(2, texts[4][:3])
+            positions[2] = 3
+        slots = torch.arange(4)
+        tokens = torch.stack([texts[owner[slot]][positions[slot]] for slot in range(4)])
+        logits = decoder.decode(slots, tokens)
+        for slot in range(4):
+            reference = expected[owner[slot]][positions[slot]]
+            assert (logits[slot] - reference).abs().max() <= TOLERANCE, f"slot {slot} step {step}"
+            positions[slot] += 1
+
+
+def test_decoding_a_subset_of_slots_leaves_the_others_untouched() -> None:
+    net = build(seed=2)
+    decoder = Decoder(net, num_slots=3)
+    decoder.prefill(0, [1, 2, 3])
+    decoder.prefill(2, [4, 5, 6, 7])
+    keys_before = decoder.cache.keys[:, 2].clone()
+    decoder.decode(torch.tensor([0]), torch.tensor([9]))
+    assert torch.equal(decoder.cache.keys[:, 2], keys_before)
+    assert decoder.position(0) == 4 and decoder.position(2) == 4
+
+
+def test_relative_model_gives_the_same_logits_at_position_ten_million() -> None:
+    net = build(use_abs_pos_emb=False, look_backward=2)
+    tokens = torch.randint(0, 256, (1, 3 * WINDOW * 3), generator=torch.Generator().manual_seed(11))
+    far = 10_000_000  # a window boundary
+    assert far % WINDOW == 0
+    decoder = Decoder(net, num_slots=2)
+    decoder.reset(1, start=far)
+    for position in range(tokens.shape[1]):
+        logits = decoder.decode(torch.tensor([0, 1]), torch.cat((tokens[:, position], tokens[:, position])))
+        assert (logits[0] - logits[1]).abs().max() <= 1e-5, f"position {position}"
+    assert decoder.position(1) == far + tokens.shape[1]
+
+
+def test_absolute_position_model_stops_at_max_seq_len() -> None:
+    net = build(max_seq_len=12)
+    decoder = Decoder(net, num_slots=1)
+    decoder.prefill(0, list(range(12)))
+    with pytest.raises(ContextLimitError, match="max_seq_len 12"):
+        decoder.decode(torch.tensor([0]), torch.tensor([1]))
+    assert decoder.context_limit == 12
+    assert Decoder(build(use_abs_pos_emb=False), num_slots=1).context_limit is None
+
+
+def test_cache_memory_is_allocated_once_and_bounded_by_the_window() -> None:
+    net = build(look_backward=2, exact_windowsize=True)
+    decoder = Decoder(net, num_slots=2)
+    cache = decoder.cache
+    assert cache.capacity == cache_capacity(WINDOW, 2, True) == 2 * WINDOW + 1
+    assert cache_capacity(WINDOW, 2, False) == 3 * WINDOW
+    pointer, shape = cache.keys.data_ptr(), cache.keys.shape
+    decoder.prefill(0, torch.randint(0, 256, (100,)))
+    for _ in range(200):
+        decoder.decode(torch.tensor([0, 1]), torch.tensor([3, 4]))
+    assert cache.keys.data_ptr() == pointer and cache.keys.shape == shape
+    assert shape == (2, 2, 2, 2 * WINDOW + 1, 8)
+
+
+def test_ring_positions_follow_the_worked_example() -> None:
+    cache = SlidingKVCache(num_layers=1, num_slots=1, heads=1, dim_head=1, capacity=5)
+    assert cache.ring_positions(torch.tensor([6])).tolist() == [[5, 6, 2, 3, 4]]
+    assert cache.ring_positions(torch.tensor([1])).tolist() == [[0, 1, -3, -2, -1]]
+
+
+def test_models_that_cannot_use_the_cache_are_refused() -> None:
+    with pytest.raises(ValueError, match="causal"):
+        Decoder(build(causal=False), num_slots=1)
+    with pytest.raises(ValueError, match="global"):
+        Decoder(build(global_attn_layer=torch.nn.Identity()), num_slots=1)
+    with pytest.raises(ValueError, match="multiple of the window"):
+        Decoder(build(), num_slots=1, prefill_chunk=WINDOW + 1)
+
+
+def test_generate_keeps_the_reference_signature_and_matches_uncached() -> None:
+    net = build(seed=4)
+    prime = torch.randint(0, 256, (2, 7))
+    greedy = net.generate(prime, 30, temperature=0.0)
+    assert greedy.shape == (2, 30)
+    assert torch.equal(greedy, net.generate(prime, 30, temperature=0.0, use_kv_cache=False))
+    sampled = net.generate(prime, 30, temperature=1.0, filter_thres=0.9, seed=5)
+    assert torch.equal(sampled, net.generate(prime, 30, filter_thres=0.9, use_kv_cache=False, seed=5))
+
+
+MILLION_BYTE_PROMPT = """
+import resource, torch
+import model
+from model.generate import Decoder
+torch.set_num_threads(1)
+net = model.LocalTransformer(num_tokens=256, max_seq_len=1, dim=16, depth=1, heads=1, dim_head=16,
+                             local_attn_window_size=64, use_abs_pos_emb=False).eval()
+decoder = Decoder(net, num_slots=1, prefill_chunk=4096)
+prompt = torch.randint(0, 256, (1_000_000,))
+decoder.prefill(0, prompt[:40_000])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+decoder.reset(0)
+logits = decoder.prefill(0, prompt)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert torch.isfinite(logits).all() and decoder.position(0) == 1_000_000
+print((after - before) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_million_token_prompt_prefills_in_bounded_memory() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", MILLION_BYTE_PROMPT], capture_output=True, text=True, timeout=600, check=True
+    )
+    growth = int(result.stdout.split()[-1])
+    assert growth < 64 * 2**20, f"prefilling 1,000,000 tokens grew the process by {growth / 2**20:.0f} MiB"
