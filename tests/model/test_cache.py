@@ -190,7 +190,7 @@ from model.generate import Decoder
 torch.set_num_threads(1)
 net = model.LocalTransformer(num_tokens=256, max_seq_len=1, dim=16, depth=1, heads=1, dim_head=16,
                              local_attn_window_size=64, use_abs_pos_emb=False).eval()
-decoder = Decoder(net, num_slots=1, prefill_chunk=4096)
+decoder = Decoder(net, num_slots=1, prefill_chunk=256)
 prompt = torch.randint(0, 256, (1_000_000,))
 decoder.prefill(0, prompt[:40_000])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
