@@ -25,6 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+Slots = Tensor | slice  # slot indices (B,), or slice(None) for every slot in order, which reads views, not copies
+ALL_SLOTS = slice(None)
+
 
 def cache_capacity(window_size: int, look_backward: int, exact_windowsize: bool) -> int:
     """Positions a causal sliding window can see, the query's own included."""
@@ -81,11 +84,11 @@ class SlidingKVCache:
         last = last_positions[:, None]  # (B, 1)
         return last - (last - index) % self.capacity  # (B, C)
 
-    def read(self, layer: int, slots: Tensor) -> tuple[Tensor, Tensor]:
+    def read(self, layer: int, slots: Slots) -> tuple[Tensor, Tensor]:
         """Keys and values (B, heads, capacity, dim_head) of one layer for the given slots."""
         return self.keys[layer, slots], self.values[layer, slots]
 
-    def write(self, layer: int, slots: Tensor, first_position: Tensor, keys: Tensor, values: Tensor) -> None:
+    def write(self, layer: int, slots: Slots, first_position: Tensor, keys: Tensor, values: Tensor) -> None:
         """Store keys and values (B, heads, L, dim_head) of positions first..first+L-1 of each slot.
 
         Only the newest `capacity` positions are kept, so no two writes land on one ring index.
@@ -94,6 +97,8 @@ class SlidingKVCache:
         kept = min(length, self.capacity)
         offsets = torch.arange(length - kept, length, device=keys.device)  # (kept,)
         index = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
+        if isinstance(slots, slice):
+            slots = torch.arange(self.num_slots, device=keys.device)[slots]
         rows = slots[:, None].expand_as(index)  # (B, kept)
         # advanced indexing puts the (B, kept) index dims first: (B, kept, heads, dim_head)
         self.keys[layer, rows, :, index] = keys[:, :, length - kept :].transpose(1, 2)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from model.attention import SELF_ATTENTION_LOGIT
-from model.cache import SlidingKVCache, cache_capacity
+from model.cache import SlidingKVCache, Slots, cache_capacity
 from model.positions import rotate_half
 
 
@@ -45,7 +45,7 @@ class Rotation:
 class StepPlan:
     """Position-derived tensors for one cached step, shared by all layers."""
 
-    slots: Tensor  # (B,) long
+    slots: Slots  # (B,) long, or every slot
     first_position: Tensor  # (B,) long: position of each slot's first new token
     write_first: bool  # decode layout (L == 1)
     blocked: Tensor  # (B, 1, L, K) bool: keys a query may not see
@@ -93,7 +93,7 @@ class StepPlanner:
             scale = scale**-1 if inverse_scale else scale
         return Rotation(angles.cos(), angles.sin(), scale)
 
-    def plan(self, cache: SlidingKVCache, slots: Tensor, length: int) -> StepPlan:
+    def plan(self, cache: SlidingKVCache, slots: Slots, length: int) -> StepPlan:
         window, look_backward = self.window_size, self.look_backward
         first = cache.lengths[slots]  # (B,)
         offsets = torch.arange(length, device=first.device)  # (L,)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from model.cache import SlidingKVCache
+from model.cache import ALL_SLOTS, SlidingKVCache, Slots
 from model.decode import CachedStep, StepPlanner
 from model.sampling import SamplingParams, SequenceSampler, sample_batch
 from model.transformer import LocalTransformer
@@ -68,8 +68,11 @@ class Decoder:
         return int(self.cache.lengths[slot])
 
     @torch.no_grad()
-    def step(self, slots: Tensor, tokens: Tensor) -> Tensor:
-        """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens)."""
+    def step(self, slots: Slots, tokens: Tensor) -> Tensor:
+        """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens).
+
+        `slots` may be ALL_SLOTS (tokens for every slot, in order): the shape is then fixed and nothing is gathered.
+        """
         model, cache = self.model, self.cache
         length = tokens.shape[1]
         first = cache.lengths[slots]  # (B,)
@@ -102,9 +105,16 @@ class Decoder:
             start = end
         return logits
 
-    def decode(self, slots: Tensor, tokens: Tensor) -> Tensor:
+    def decode(self, slots: Slots, tokens: Tensor) -> Tensor:
         """One token (B,) for each of slots (B,) -> next-token logits (B, num_tokens)."""
         return self.step(slots, tokens[:, None])[:, 0]
+
+    def decode_all(self, tokens: Tensor) -> Tensor:
+        """One token for every slot (num_slots,) -> next-token logits (num_slots, num_tokens).
+
+        Slots without a running text decode too (their output is ignored): the step's shapes never change.
+        """
+        return self.decode(ALL_SLOTS, tokens)
 
 
 def reference_samplers(
