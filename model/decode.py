@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from model.attention import SELF_ATTENTION_LOGIT
@@ -48,11 +49,10 @@ class StepPlan:
     slots: Slots  # (B,) long, or every slot
     first_position: Tensor  # (B,) long: position of each slot's first new token
     write_first: bool  # decode layout (L == 1)
-    blocked: Tensor  # (B, 1, L, K) bool: keys a query may not see
+    score_bias: Tensor  # (B, 1 or heads, L, K): the position bias, and a huge negative for keys not to see
     self_key: Tensor | None  # (B, 1, L, K) bool: a query's own key (shared_qk only)
     query_rotation: Rotation | None  # of the L queries
     key_rotation: Rotation | None  # of the K keys, with the inverse xpos scale
-    bias: Tensor | None  # (B, heads, L, K) dynamic position bias
 
 
 class StepPlanner:
@@ -117,35 +117,36 @@ class StepPlanner:
             query_rotation = self.rotation(query_positions - frame_start, inverse_scale=False)
             key_rotation = self.rotation(key_positions - frame_start, inverse_scale=True)
 
-        bias = None
-        if self.bias_table is not None:
+        dtype = cache.keys.dtype
+        if self.bias_table is None:
+            score_bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)[:, None]  # (B, 1, L, K)
+        else:
             distance = (q - k).clamp(0, self.bias_table.shape[0] - 1)  # (B, L, K)
-            bias = self.bias_table[distance].permute(0, 3, 1, 2)  # (B, heads, L, K)
+            score_bias = self.bias_table.to(dtype)[distance].permute(0, 3, 1, 2)  # (B, heads, L, K)
+        # half the most negative number: far below any score, and no overflow to -inf when a bias is added
+        score_bias = score_bias.masked_fill(blocked[:, None], torch.finfo(dtype).min / 2)
 
         return StepPlan(
             slots=slots,
             first_position=first,
             write_first=write_first,
-            blocked=blocked[:, None],
+            score_bias=score_bias,
             self_key=self_key,
             query_rotation=query_rotation,
             key_rotation=key_rotation,
-            bias=bias,
         )
 
 
 def attend(q: Tensor, keys: Tensor, values: Tensor, plan: StepPlan, scale: float) -> Tensor:
     """q (B, h, L, dh) against keys and values (B, h, K, dh) -> (B, h, L, dh)."""
-    q = q * scale
     if plan.query_rotation is not None:
         q = plan.query_rotation.apply(q)
         keys = plan.key_rotation.apply(keys)
-    sim = q @ keys.transpose(-1, -2)  # (B, h, L, K)
-    if plan.bias is not None:
-        sim = sim + plan.bias
-    if plan.self_key is not None:
-        sim = sim.masked_fill(plan.self_key, SELF_ATTENTION_LOGIT)
-    sim = sim.masked_fill(plan.blocked, -torch.finfo(sim.dtype).max)
+    if plan.self_key is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.score_bias, scale=scale)
+    # shared_qk: a query sees its own key only when nothing else is allowed (its logit is replaced)
+    sim = (q * scale) @ keys.transpose(-1, -2)  # (B, h, L, K)
+    sim = sim.masked_fill(plan.self_key, SELF_ATTENTION_LOGIT) + plan.score_bias
     return sim.softmax(dim=-1) @ values
 
 

@@ -14,11 +14,9 @@ from torch import Tensor
 from model.cache import ALL_SLOTS, SlidingKVCache, Slots
 from model.decode import CachedStep, StepPlanner
 from model.sampling import SamplingParams, SequenceSampler, sample_batch
-from model.transformer import LocalTransformer
+from model.transformer import ContextLimitError, LocalTransformer
 
-
-class ContextLimitError(ValueError):
-    """A position past max_seq_len of a model with a learned absolute position embedding."""
+__all__ = ["ContextLimitError", "Decoder", "generate", "generate_uncached"]
 
 
 class Decoder:
@@ -67,7 +65,7 @@ class Decoder:
         """Tokens the slot has consumed so far."""
         return int(self.cache.lengths[slot])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, slots: Slots, tokens: Tensor) -> Tensor:
         """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens).
 
@@ -77,10 +75,7 @@ class Decoder:
         length = tokens.shape[1]
         first = cache.lengths[slots]  # (B,)
         positions = first[:, None] + torch.arange(length, device=tokens.device)  # (B, L)
-        limit = self.context_limit
-        if limit is not None and int(positions.max()) >= limit:
-            raise ContextLimitError(f"position {int(positions.max())} is past this model's max_seq_len {limit}")
-        x = model.embed(tokens, positions)  # (B, L, dim)
+        x = model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
         plan = self.planner.plan(cache, slots, length)
         steps = [CachedStep(cache, layer, plan) for layer in range(len(model.layers))]
         hidden = model.run_layers(x, cached_steps=steps)

@@ -16,6 +16,10 @@ from model.positions import DynamicPositionBias, l2norm
 from model.residual import ResidualStreams
 
 
+class ContextLimitError(ValueError):
+    """A position past max_seq_len of a model with a learned absolute position embedding."""
+
+
 class LocalMHA(nn.Module):
     """Multi-head local attention: projections, optional qk RMS norm and per-head value gates.
 
@@ -74,8 +78,9 @@ class LocalMHA(nn.Module):
         """Input (b, n, dim) -> normed input (b, n, dim) and q, k, v (b, h, n, dh)."""
         if self.norm is not None:
             x = self.norm(x)
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
+        batch, length, _ = x.shape
+        qkv = self.to_qkv(x).view(batch, length, 3, self.heads, self.dim_head)  # (b, n, 3, h, dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, h, n, dh); plain views: this runs every token
         if self.qk_rmsnorm:
             q = l2norm(q) * self.q_scale
             k = l2norm(k) * self.k_scale
@@ -86,7 +91,8 @@ class LocalMHA(nn.Module):
         if self.to_v_gate is not None:
             gates = rearrange(self.to_v_gate(x), "b n h -> b h n 1")
             attended = attended * gates.sigmoid()
-        return self.to_out(rearrange(attended, "b h n d -> b n (h d)"))
+        batch, _, length, _ = attended.shape
+        return self.to_out(attended.transpose(1, 2).reshape(batch, length, -1))  # (b, n, h * dh)
 
     def forward(
         self,
@@ -240,7 +246,7 @@ class LocalTransformer(nn.Module):
             if positions is None:
                 positions = torch.arange(tokens.shape[-1], device=tokens.device)
             if int(positions.max()) >= self.max_seq_len:
-                raise ValueError(
+                raise ContextLimitError(
                     f"position {int(positions.max())} is past max_seq_len {self.max_seq_len}: this model has "
                     "a learned absolute position embedding and no context beyond it"
                 )

@@ -1,0 +1,287 @@
+"""`windowlm bench decode`: decode speed and memory of the sliding cache, against the reference, as JSON.
+
+Every figure comes from one run on one machine with the same weights, so ratios between them are meaningful
+even where the machine is noisy. The default model is local-attention's train.py model scaled down: dim 256,
+depth 4, heads 4, dim_head 64, window 256, dynamic position bias, one residual stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from model import LocalTransformer
+from model.generate import Decoder
+
+BENCH_MODEL = dict(
+    num_tokens=256,
+    dim=256,
+    depth=4,
+    heads=4,
+    dim_head=64,
+    local_attn_window_size=256,
+    use_dynamic_pos_bias=True,
+    num_residual_streams=1,
+)
+
+
+def resident_bytes() -> int:
+    """Resident set size of this process now (Linux), or the peak elsewhere."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(run: Callable[[], Any], repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def random_tokens(count: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (count,), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_ms_at_context(model: LocalTransformer, context: int, steps: int) -> float:
+    """Median milliseconds of one decode step (batch 1) once `context` tokens are in the slot."""
+    decoder = Decoder(model, num_slots=1, prefill_chunk=4 * model.local_attn_window_size)
+    decoder.prefill(0, random_tokens(context))
+    token = torch.tensor([7])
+    for _ in range(3):
+        decoder.decode_all(token)
+    return statistics.median(timed(lambda: decoder.decode_all(token), steps)) * 1000
+
+
+def batched_tokens_per_second(model: LocalTransformer, slots: int, steps: int) -> float:
+    """Decode throughput with every slot busy, each at another position of its window."""
+    decoder = Decoder(model, num_slots=slots)
+    for slot in range(slots):
+        decoder.prefill(slot, random_tokens(300 + 37 * slot, seed=slot))
+    tokens = random_tokens(slots)
+    for _ in range(3):
+        decoder.decode_all(tokens)
+    seconds = sum(timed(lambda: decoder.decode_all(tokens), steps))
+    return slots * steps / seconds
+
+
+def memory_over_long_generation(model: LocalTransformer, tokens: int) -> dict[str, float]:
+    """Resident memory before and after generating `tokens` greedy tokens in one slot."""
+    decoder = Decoder(model, num_slots=1)
+    logits = decoder.prefill(0, random_tokens(1000))
+    gc.collect()
+    before = resident_bytes()
+    start = time.perf_counter()
+    for _ in range(tokens):
+        logits = decoder.decode_all(logits.argmax(dim=-1, keepdim=True))[0]
+    seconds = time.perf_counter() - start
+    gc.collect()
+    after = resident_bytes()
+    return {
+        "generated_tokens": tokens,
+        "rss_before_mib": before / 2**20,
+        "rss_after_mib": after / 2**20,
+        "growth_fraction": (after - before) / before,
+        "ms_per_token": seconds / tokens * 1000,
+    }
+
+
+@torch.no_grad()
+def reference_ms_per_token(reference: torch.nn.Module, context: int, tokens: int, use_kv_cache: bool) -> float:
+    """Median milliseconds per token of local-attention's generate loop after a `context`-token prompt.
+
+    The loop is the one its generate runs (forward over the last max_seq_len tokens, with or without its
+    cache), timed step by step; with the cache the first step runs the whole prompt and is left out.
+    """
+    out = random_tokens(context)[None]
+    cache, times = None, []
+    for _ in range(tokens + 1):
+        start = time.perf_counter()
+        window = out[:, -reference.max_seq_len :]
+        if use_kv_cache:
+            logits, cache = reference(window, cache=cache, return_cache=True)
+        else:
+            logits = reference(window)
+        out = torch.cat((out, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:] if use_kv_cache else times) * 1000
+
+
+def linear_shapes(model: LocalTransformer) -> list[tuple[int, int]]:
+    """(in, out) of every matrix a decode step multiplies by, once per token."""
+    per_token = [*model.layers.modules(), *model.to_logits.modules()]  # not the position-bias MLP
+    return [(m.in_features, m.out_features) for m in per_token if isinstance(m, torch.nn.Linear)]
+
+
+def decode_flops_per_token(model: LocalTransformer, capacity: int) -> float:
+    """Multiply-adds x 2 of one decode token: the linear layers plus attention over a full cache."""
+    linear = sum(2 * n_in * n_out for n_in, n_out in linear_shapes(model))
+    attention = sum(4 * layer.heads * layer.dim_head * capacity for layer in model.attention_layers)
+    return linear + attention
+
+
+def matmul_roofline_flops(model: LocalTransformer, batch: int, repeats: int = 50) -> float:
+    """FLOP/s of plain matmuls of the decode step's own shapes at this batch size."""
+    shapes = linear_shapes(model)
+    inputs = [torch.randn(batch, n_in) for n_in, _ in shapes]
+    weights = [torch.randn(n_out, n_in) for n_in, n_out in shapes]
+
+    def run() -> None:
+        for x, w in zip(inputs, weights, strict=True):
+            torch.nn.functional.linear(x, w)
+
+    for _ in range(5):
+        run()
+    seconds = statistics.median(timed(run, repeats))
+    return sum(2 * batch * n_in * n_out for n_in, n_out in shapes) / seconds
+
+
+def mistral_figures(model_kwargs: dict, context: int, batches: list[int], steps: int) -> dict[str, Any]:
+    """HuggingFace transformers' MistralForCausalLM of the same size with its sliding-window cache."""
+    try:
+        from transformers import MistralConfig, MistralForCausalLM
+    except ImportError:
+        return {"skipped": "transformers is not installed (pip install 'windowlm[bench]')"}
+    dim = model_kwargs["dim"]
+    config = MistralConfig(
+        vocab_size=256,
+        hidden_size=dim,
+        intermediate_size=int(dim * 4 * 2 / 3),
+        num_hidden_layers=model_kwargs["depth"],
+        num_attention_heads=model_kwargs["heads"],
+        num_key_value_heads=model_kwargs["heads"],
+        head_dim=model_kwargs["dim_head"],
+        sliding_window=model_kwargs["local_attn_window_size"],
+        max_position_embeddings=context + steps + 64,
+        attn_implementation="sdpa",
+    )
+    mistral = MistralForCausalLM(config).eval()
+    figures: dict[str, Any] = {"transformers_context": context}
+    with torch.no_grad():
+        for batch in batches:
+            prompt = torch.randint(0, 256, (batch, context))
+            out = mistral(prompt, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+            def step() -> None:
+                nonlocal past, token
+                result = mistral(token, past_key_values=past, use_cache=True)
+                past, token = result.past_key_values, result.logits[:, -1:].argmax(-1)
+
+            for _ in range(3):
+                step()
+            seconds = statistics.median(timed(step, steps))
+            figures[f"batch_{batch}"] = {"ms_per_step": seconds * 1000, "tokens_per_second": batch / seconds}
+    return figures
+
+
+def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    max_context = max(args.contexts)
+    model_kwargs = dict(BENCH_MODEL, max_seq_len=max_context + 1024)
+    model = LocalTransformer(**model_kwargs).eval()
+    load_before = os.getloadavg()
+
+    report: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before": load_before,
+        },
+        "model": dict(model_kwargs),
+    }
+    decoder = Decoder(model, num_slots=1)
+    capacity = decoder.cache.capacity
+    report["model"]["kv_cache_positions_per_layer"] = capacity
+    report["model"]["kv_cache_bytes_per_slot"] = decoder.cache.nbytes()
+
+    per_token = {str(c): decode_ms_at_context(model, c, args.steps) for c in args.contexts}
+    report["decode_ms_per_token"] = per_token
+    report["context_ratio_largest_to_smallest"] = per_token[str(max_context)] / per_token[str(min(args.contexts))]
+
+    throughput = {str(b): batched_tokens_per_second(model, b, args.steps) for b in args.batches}
+    report["batched_tokens_per_second"] = throughput
+    if "1" in throughput and "32" in throughput:
+        report["batch_32_over_batch_1"] = throughput["32"] / throughput["1"]
+
+    flops_per_token = decode_flops_per_token(model, capacity)
+    roofline = {}
+    for batch in (1, 32):
+        if str(batch) in throughput:
+            achieved = flops_per_token * throughput[str(batch)]
+            peak = matmul_roofline_flops(model, batch)
+            roofline[str(batch)] = {
+                "decode_gflops": achieved / 1e9,
+                "matmul_gflops": peak / 1e9,
+                "fraction": achieved / peak,
+            }
+    report["roofline"] = {"decode_flops_per_token": flops_per_token, "by_batch": roofline}
+
+    if args.reference:
+        report["reference"] = reference_figures(model, model_kwargs, args)
+        ours_8k = per_token.get("8192")
+        cached_8k = report["reference"].get("cached_ms_per_token", {}).get("8192")
+        if ours_8k and cached_8k:
+            report["speedup_over_reference_cached_at_8k"] = cached_8k / ours_8k
+    if args.mistral:
+        mistral = mistral_figures(model_kwargs, 512, [b for b in (1, 32) if str(b) in throughput], args.steps)
+        report["transformers_mistral"] = mistral
+        for batch in ("1", "32"):
+            theirs = mistral.get(f"batch_{batch}", {}).get("tokens_per_second")
+            if theirs:
+                report[f"over_mistral_batch_{batch}"] = throughput[batch] / theirs
+    if args.long_tokens:
+        streaming = LocalTransformer(**dict(model_kwargs, use_abs_pos_emb=False)).eval()
+        report["memory"] = memory_over_long_generation(streaming, args.long_tokens)
+
+    report["machine"]["load_average_after"] = os.getloadavg()
+    return report
+
+
+def reference_figures(model: LocalTransformer, model_kwargs: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """local-attention's own generate on the same weights, cached and uncached."""
+    try:
+        import local_attention
+    except ImportError:
+        return {"skipped": "local-attention is not installed (pip install 'windowlm[dev]')"}
+    reference = local_attention.LocalTransformer(**model_kwargs).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    cached, uncached = {}, {}
+    for context in args.contexts:
+        cached[str(context)] = reference_ms_per_token(reference, context, args.reference_tokens, True)
+        if context <= args.uncached_up_to:
+            uncached[str(context)] = reference_ms_per_token(reference, context, 2, False)
+    return {"cached_ms_per_token": cached, "uncached_ms_per_token": uncached}
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    def numbers(text: str) -> list[int]:
+        return [int(part) for part in text.split(",") if part]
+
+    parser.add_argument("--contexts", type=numbers, default=[512, 8192, 65536])
+    parser.add_argument("--batches", type=numbers, default=[1, 8, 32, 64])
+    parser.add_argument("--steps", type=int, default=64, help="timed decode steps per figure")
+    parser.add_argument("--long-tokens", type=int, default=100_000, help="tokens for the memory figure (0: skip)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--reference-tokens", type=int, default=16)
+    parser.add_argument("--uncached-up-to", type=int, default=8192, help="largest context for uncached figures")
+    parser.add_argument("--mistral", action=argparse.BooleanOptionalAction, default=True)
