@@ -6,7 +6,7 @@ when a request starts or stops) belongs to its caller.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from model.decode import CachedStep, StepPlanner
 from model.sampling import SamplingParams, SequenceSampler, sample_batch
 from model.transformer import ContextLimitError, LocalTransformer
 
-__all__ = ["ContextLimitError", "Decoder", "generate", "generate_uncached"]
+__all__ = ["ContextLimitError", "Decoder", "generate", "generate_uncached", "stream_tokens"]
 
 
 class Decoder:
@@ -174,3 +174,25 @@ def generate_uncached(
         logits = model(out[:, -model.max_seq_len :])[:, -1]
         out = torch.cat((out, next_tokens(logits, samplers)[:, None]), dim=1)
     return out[:, prime.shape[1] :]
+
+
+def stream_tokens(
+    decoder: Decoder, slot: int, prompt: Sequence[int], sampler: SequenceSampler, max_tokens: int
+) -> Iterator[int]:
+    """Yield up to max_tokens sampled token ids after the prompt, one slot, as they are produced.
+
+    Stops early, without error, where a model with absolute positions reaches max_seq_len.
+    """
+    decoder.reset(slot)
+    sampler.observe_prompt(prompt)
+    limit = decoder.context_limit
+    if limit is not None and len(prompt) > limit:
+        raise ContextLimitError(f"the prompt has {len(prompt)} tokens, more than max_seq_len {limit}")
+    logits = decoder.prefill(slot, prompt)
+    slots = torch.tensor([slot], device=logits.device)
+    for index in range(max_tokens):
+        token = next_tokens(logits[None], [sampler])
+        yield int(token[0])
+        if index + 1 == max_tokens or (limit is not None and decoder.position(slot) >= limit):
+            return
+        logits = decoder.decode(slots, token)[0]

@@ -1,38 +1,95 @@
-"""The `windowlm` command line."""
+"""The `windowlm` command line: serve, generate, bench."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from server.bench import add_bench_arguments, run_decode_bench
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.bench import add_bench_arguments
+
     parser = argparse.ArgumentParser(prog="windowlm", description="Serve local-attention language models.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--weights", default=None, help="checkpoint folder (default: the bundled model)")
 
+    generate = commands.add_parser("generate", help="stream a completion of a prompt to stdout")
+    generate.add_argument("prompt")
+    generate.add_argument("--weights", default=None, help="checkpoint folder (default: the bundled model)")
+    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
-    decode = bench_kinds.add_parser("decode", help="decode speed and memory of the sliding cache")
-    add_bench_arguments(decode)
+    add_bench_arguments(bench_kinds.add_parser("decode", help="decode speed and memory of the sliding cache"))
     return parser
+
+
+def weights_folder(given: str | None) -> Path:
+    folder = DEFAULT_WEIGHTS if given is None else Path(given)
+    if not (folder / "config.json").is_file():
+        what = "the bundled model" if given is None else "--weights"
+        raise SystemExit(f"windowlm: {what} at {folder} is not a checkpoint folder (no config.json)")
+    return folder
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from model.generate import Decoder, stream_tokens
+    from model.sampling import SamplingError, SamplingParams, SequenceSampler
+    from model.stopping import StopMatcher
+    from model.tokenizer import ByteTokenizer, IncrementalDecoder
+    from weights.io import CheckpointError, load_checkpoint
+
+    try:
+        model, _ = load_checkpoint(weights_folder(args.weights))
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        sampler = SequenceSampler(params, model.num_tokens)
+        stop = StopMatcher(args.stop)
+    except (CheckpointError, SamplingError, ValueError) as error:
+        print(f"windowlm generate: {error}", file=sys.stderr)
+        return 2
+    if args.max_tokens < 1:
+        print("windowlm generate: --max-tokens must be at least 1", file=sys.stderr)
+        return 2
+
+    prompt = ByteTokenizer().encode(args.prompt)
+    text = IncrementalDecoder()
+    out = sys.stdout
+    for token in stream_tokens(Decoder(model, num_slots=1), 0, prompt, sampler, args.max_tokens):
+        piece, stopped = stop.push(text.push(token))
+        out.write(piece)
+        out.flush()
+        if stopped:
+            break
+    else:
+        out.write(stop.push(text.flush())[0] + stop.flush())
+    out.write("\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
+        from server.bench import run_decode_bench
+
         print(json.dumps(run_decode_bench(args), indent=2))
         return 0
-    if args.command == "serve":
-        print("windowlm serve: the HTTP server is not built yet", file=sys.stderr)
-        return 1
-    return 0
+    if args.command == "generate":
+        return run_generate(args)
+    print("windowlm serve: the HTTP server is not built yet", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

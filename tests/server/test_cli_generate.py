@@ -1,0 +1,60 @@
+"""`windowlm generate` as a person runs it: a real process streaming text to stdout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.generate import Decoder, stream_tokens
+from model.sampling import SamplingParams, SequenceSampler
+from model.tokenizer import ByteTokenizer
+from weights.io import ModelConfig, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        num_tokens=256, max_seq_len=4096, dim=32, depth=2, heads=2, dim_head=16, local_attn_window_size=8
+    )
+    return save_checkpoint(config.build(), tmp_path_factory.mktemp("ckpt"), config=config)
+
+
+def windowlm(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "server.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def expected_text(checkpoint: Path, prompt: str, tokens: int, seed: int) -> str:
+    from weights.io import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    sampler = SequenceSampler(SamplingParams(temperature=0.8, seed=seed), 256)
+    ids = list(stream_tokens(Decoder(model, num_slots=1), 0, ByteTokenizer().encode(prompt), sampler, tokens))
+    return ByteTokenizer().decode(ids)
+
+
+def test_generate_streams_the_seeded_completion(checkpoint: Path) -> None:
+    result = windowlm("generate", "To be", "--weights", str(checkpoint), "--max-tokens", "30", "--seed", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text(checkpoint, "To be", 30, seed=4) + "\n"
+
+
+def test_generate_stops_before_a_stop_sequence(checkpoint: Path) -> None:
+    full = expected_text(checkpoint, "To be", 60, seed=9)
+    stop = next(full[i : i + 2] for i in range(10, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+    args = ["--weights", str(checkpoint), "--max-tokens", "60", "--seed", "9", "--stop", stop]
+    result = windowlm("generate", "To be", *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == full[: full.index(stop)] + "\n"
+
+
+def test_generate_refuses_bad_arguments_clearly(checkpoint: Path) -> None:
+    missing = windowlm("generate", "hi", "--weights", str(checkpoint.parent / "absent"))
+    assert missing.returncode != 0 and "not a checkpoint folder" in missing.stderr
+    bad = windowlm("generate", "hi", "--weights", str(checkpoint), "--top-p", "0")
+    assert bad.returncode == 2 and "top_p" in bad.stderr
