@@ -16,10 +16,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="windowlm", description="Serve local-attention language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the HTTP server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--weights", default=None, help="checkpoint folder (default: the bundled model)")
+    serve = commands.add_parser("serve", help="run the HTTP server (flags override WINDOWLM_* variables)")
+    serve.add_argument("--weights", help="checkpoint folder (default: the bundled model)")
+    serve.add_argument("--model-name", help="model id in the API (default: the checkpoint folder's name)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--max-batch-size", type=int, help="KV cache slots: sequences decoded together")
+    serve.add_argument("--max-queue", type=int, help="waiting requests before new ones get 429")
+    serve.add_argument("--max-n", type=int, help="largest n (choices per request)")
+    serve.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step")
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    serve.add_argument("--drain-timeout", type=float, help="seconds streams may run on after SIGTERM")
+    serve.add_argument("--ping-interval", type=float, help="seconds between SSE pings on an idle stream")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
 
     generate = commands.add_parser("generate", help="stream a completion of a prompt to stdout")
     generate.add_argument("prompt")
@@ -88,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "generate":
         return run_generate(args)
-    print("windowlm serve: the HTTP server is not built yet", file=sys.stderr)
-    return 1
+    if args.command == "serve":
+        from server.serve import run_serve
+
+        return run_serve(args)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,186 @@
+"""From a validated completion request to engine requests, and from engine events back to text.
+
+The engine yields token ids; here each choice turns them into text (incremental UTF-8, stop sequences,
+logprobs), and `run_choices` merges the events of all choices of one HTTP request into deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from model.sampling import SamplingError, SamplingParams
+from model.stopping import StopMatcher
+from model.tokenizer import VOCAB_SIZE, ByteTokenizer, IncrementalDecoder
+from server.engine import Engine, EngineRequest, FinishEvent, TokenEvent
+from server.errors import InvalidRequest
+from server.protocol import CompletionRequest, Logprobs
+
+tokenizer = ByteTokenizer()
+
+
+def prompt_token_lists(prompt: str | list) -> list[list[int]]:
+    """The request's prompt as one or more lists of token ids."""
+    if isinstance(prompt, str):
+        prompts = [tokenizer.encode(prompt)]
+    elif prompt and all(isinstance(item, int) for item in prompt):
+        prompts = [list(prompt)]
+    elif prompt and all(isinstance(item, str) for item in prompt):
+        prompts = [tokenizer.encode(item) for item in prompt]
+    elif prompt and all(isinstance(item, list) for item in prompt):
+        prompts = [list(item) for item in prompt]
+    else:
+        raise InvalidRequest("prompt must be a string, a list of strings, or token ids", param="prompt")
+    for ids in prompts:
+        if not ids:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        if any(not 0 <= token < VOCAB_SIZE for token in ids):
+            raise InvalidRequest(f"prompt token ids must be in 0..{VOCAB_SIZE - 1}", param="prompt")
+    return prompts
+
+
+def sampling_params(body: CompletionRequest, choice: int) -> SamplingParams:
+    """Sampling parameters of one choice; with a seed, choice i uses seed + i so choices differ."""
+
+    def given(value, default):
+        return default if value is None else value
+
+    params = SamplingParams(
+        temperature=given(body.temperature, 1.0),
+        top_k=max(0, given(body.top_k, 0)),
+        top_p=given(body.top_p, 1.0),
+        min_p=given(body.min_p, 0.0),
+        repetition_penalty=given(body.repetition_penalty, 1.0),
+        presence_penalty=given(body.presence_penalty, 0.0),
+        frequency_penalty=given(body.frequency_penalty, 0.0),
+        seed=None if body.seed is None else body.seed + choice,
+        logprobs=given(body.logprobs, 0),
+    )
+    try:
+        params.validate()
+    except SamplingError as error:
+        raise InvalidRequest(str(error), param=error.param) from error
+    return params
+
+
+def engine_requests(
+    body: CompletionRequest, engine: Engine, max_n: int, loop: asyncio.AbstractEventLoop
+) -> tuple[list[list[int]], list[EngineRequest]]:
+    """Validate the request against the model and build one engine request per choice, sharing one queue."""
+    if body.n > max_n:
+        raise InvalidRequest(f"n must be at most {max_n}", param="n")
+    prompts = prompt_token_lists(body.prompt)
+    limit = engine.context_limit
+    for ids in prompts:
+        if limit is not None and len(ids) > limit:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens", param="prompt"
+            )
+    events: asyncio.Queue = asyncio.Queue()
+    requests = []
+    for prompt_index, ids in enumerate(prompts):
+        for sample in range(body.n):
+            index = prompt_index * body.n + sample
+            params = sampling_params(body, index)
+            requests.append(EngineRequest(ids, params, body.max_tokens or 16, loop, events, tag=index))
+    return prompts, requests
+
+
+def token_text(token: int) -> str:
+    """A byte token as text for logprobs: the character when it is one, else `bytes:\\xNN`."""
+    return chr(token) if token < 0x80 else f"bytes:\\x{token:02x}"
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str = ""
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class ChoiceText:
+    """One choice's text so far: incremental UTF-8 decoding, stop sequences and logprobs."""
+
+    index: int
+    stop: list[str]
+    want_logprobs: bool
+    text_offset: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    decoder: IncrementalDecoder = field(default_factory=IncrementalDecoder)
+
+    def __post_init__(self) -> None:
+        self.matcher = StopMatcher(self.stop)
+
+    def on_token(self, event: TokenEvent, delta: ChoiceDelta) -> None:
+        self.completion_tokens += 1
+        text, stopped = self.matcher.push(self.decoder.push(event.token))
+        if self.want_logprobs:
+            logprobs = delta.logprobs if delta.logprobs is not None else Logprobs()
+            logprobs.tokens.append(token_text(event.token))
+            logprobs.token_logprobs.append(event.logprob)
+            logprobs.top_logprobs.append({token_text(token): value for token, value in event.top_logprobs})
+            logprobs.text_offset.append(self.text_offset)
+            delta.logprobs = logprobs
+        self.text_offset += len(text)
+        delta.text += text
+        if stopped:
+            self.finish_reason = delta.finish_reason = "stop"
+
+    def on_length(self, delta: ChoiceDelta) -> None:
+        """The engine ended the sequence at max_tokens or the context limit: release what was held back."""
+        text, stopped = self.matcher.push(self.decoder.flush())
+        if not stopped:
+            text += self.matcher.flush()
+        self.text_offset += len(text)
+        delta.text += text
+        self.finish_reason = delta.finish_reason = "stop" if stopped else "length"
+
+
+class GenerationFailed(Exception):
+    """A sequence failed in the engine (its logits were not finite, or the server is going away)."""
+
+
+async def run_choices(
+    requests: list[EngineRequest], choices: list[ChoiceText], idle_seconds: float
+) -> AsyncIterator[list[ChoiceDelta] | None]:
+    """Merge the events of every choice into lists of deltas; None after `idle_seconds` without any event.
+
+    A choice that meets a stop sequence is cancelled in the engine at once. The engine requests are cancelled
+    when the iteration ends for any reason (client gone, error), so their slots are freed.
+    """
+    events = requests[0].events
+    open_choices = {choice.index for choice in choices}
+    by_index = {choice.index: choice for choice in choices}
+    requests_by_index = {request.tag: request for request in requests}
+    try:
+        while open_choices:
+            try:
+                first = await asyncio.wait_for(events.get(), idle_seconds)
+            except TimeoutError:
+                yield None
+                continue
+            items = [first]
+            while not events.empty():
+                items.append(events.get_nowait())
+            deltas: dict[int, ChoiceDelta] = {}
+            for index, event in items:
+                if index not in open_choices:
+                    continue
+                choice, delta = by_index[index], deltas.setdefault(index, ChoiceDelta(index))
+                if isinstance(event, TokenEvent):
+                    choice.on_token(event, delta)
+                elif isinstance(event, FinishEvent):
+                    if event.reason == "error":
+                        raise GenerationFailed(event.message or "generation failed")
+                    choice.on_length(delta)
+                if choice.finish_reason is not None:
+                    open_choices.discard(index)
+                    requests_by_index[index].stop()
+            yield [deltas[index] for index in sorted(deltas)]
+    finally:
+        for request in requests:
+            request.cancel()

@@ -1,0 +1,313 @@
+"""The engine: one thread owns the model, its KV cache slots and the waiting queue, and batches every running
+request into one decode step.
+
+It knows token ids only. Requests come in through `submit` (from the event loop), results go out as events on
+each request's asyncio queue. One step of the loop:
+
+    1. free the slots of finished or cancelled requests;
+    2. admit waiting requests into free slots (a request whose client has gone never starts);
+    3. advance every prompt still being read by at most one prefill chunk, so a long prompt never holds up the
+       running streams for more than one chunk; a prompt that is done samples its first token;
+    4. one batched decode step over every slot that is generating, one new token each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from model.generate import Decoder
+from model.sampling import SamplingParams, SequenceSampler, sample_batch
+from model.transformer import LocalTransformer
+from server.metrics import Metrics
+
+logger = logging.getLogger("windowlm.engine")
+
+
+class EngineOverloaded(Exception):
+    """The slots and the waiting queue are full."""
+
+
+class EngineStopped(Exception):
+    """The engine is not running (draining, stopped or dead)."""
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" | "length" | "cancelled" | "error"
+    message: str | None = None
+
+
+_request_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """One sequence to generate; its events arrive on `events` in the event loop that created it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # receives (tag, event) pairs; several requests may share one queue
+    tag: int = 0
+    id: int = field(default_factory=lambda: next(_request_ids))
+    cancelled: bool = False
+    stop_requested: bool = False  # ended by its client at a stop sequence: a normal end, not a failure
+    finished: bool = False
+    arrived_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    generated: int = 0
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it frees its slot at the next step."""
+        self.cancelled = True
+
+    def stop(self) -> None:
+        """End the request early because its text reached a stop sequence."""
+        self.stop_requested = True
+
+    def emit(self, event: TokenEvent | FinishEvent) -> None:
+        """Hand an event to the request's event loop (called from the engine thread)."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.tag, event))
+
+
+@dataclass
+class Slot:
+    request: EngineRequest
+    sampler: SequenceSampler
+    prefilled: int = 0  # prompt tokens already in the cache
+    next_token: int | None = None  # sampled, not yet fed to the model
+
+
+class Engine:
+    """Continuous batching over `max_batch_size` slots, with at most `max_queue` requests waiting."""
+
+    def __init__(
+        self,
+        model: LocalTransformer,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        metrics: Metrics,
+        prefill_chunk: int | None = None,
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.decoder = Decoder(model, num_slots=max_batch_size, prefill_chunk=prefill_chunk)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.slots: list[Slot | None] = [None] * max_batch_size
+        self.waiting: deque[EngineRequest] = deque()
+        self.wakeup = threading.Condition()
+        self.accepting = True
+        self.running = False
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self.run, name="windowlm-engine", daemon=True)
+        metrics.kv_slots_total.set(max_batch_size)
+
+    @property
+    def context_limit(self) -> int | None:
+        return self.decoder.context_limit
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.failure is None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(slot is not None for slot in self.slots)
+
+    def start(self) -> None:
+        self.running = True
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.wakeup:
+            self.running = False
+            self.wakeup.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def submit(self, requests: list[EngineRequest]) -> None:
+        """Queue requests, all or none; raises EngineOverloaded or EngineStopped at once."""
+        with self.wakeup:
+            if not self.accepting or not self.alive:
+                raise EngineStopped("the server is shutting down" if not self.accepting else "the engine has stopped")
+            in_use = sum(slot is not None for slot in self.slots)
+            if len(self.waiting) + len(requests) > self.max_batch_size - in_use + self.max_queue:
+                raise EngineOverloaded(f"{in_use} of {self.max_batch_size} slots busy and {len(self.waiting)} waiting")
+            self.waiting.extend(requests)
+            self.metrics.requests_waiting.set(len(self.waiting))
+            self.wakeup.notify()
+
+    def wake(self) -> None:
+        with self.wakeup:
+            self.wakeup.notify()
+
+    def abort_all(self, message: str) -> None:
+        """Fail every waiting and running request (used when a drain runs out of time)."""
+        with self.wakeup:
+            for request in list(self.waiting) + [slot.request for slot in self.slots if slot is not None]:
+                request.cancelled = True
+                request.emit(FinishEvent("error", message))
+                request.finished = True
+            self.wakeup.notify()
+
+    # -- the engine thread --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self.wakeup:
+                    while self.running and not self.busy:
+                        self.wakeup.wait()
+                    if not self.running:
+                        break
+                self.step()
+        except BaseException as error:  # the loop is dead: say so to /health and to every request
+            logger.exception("engine loop failed")
+            self.failure = error
+            for request in list(self.waiting) + [slot.request for slot in self.slots if slot is not None]:
+                request.emit(FinishEvent("error", f"engine failure: {error}"))
+        finally:
+            self.running = False
+
+    def step(self) -> None:
+        self.release_finished()
+        self.admit()
+        self.prefill()
+        self.decode()
+        self.update_gauges()
+
+    def release_finished(self) -> None:
+        for index, slot in enumerate(self.slots):
+            if slot is None:
+                continue
+            request = slot.request
+            if request.stop_requested and not request.finished:
+                self.finish(index, "stop")
+            elif request.cancelled and not request.finished:
+                self.finish(index, "cancelled")
+            self.slots[index] = None if request.finished else slot
+
+    def admit(self) -> None:
+        with self.wakeup:
+            for index in range(self.max_batch_size):
+                if self.slots[index] is not None:
+                    continue
+                request = self.next_waiting()
+                if request is None:
+                    break
+                self.slots[index] = self.start_request(index, request)
+
+    def next_waiting(self) -> EngineRequest | None:
+        while self.waiting:
+            request = self.waiting.popleft()
+            if request.cancelled or request.stop_requested:  # its client left while it waited: never started
+                request.finished = True
+                self.metrics.request_failures.labels(reason="cancelled").inc()
+                continue
+            return request
+        return None
+
+    def start_request(self, index: int, request: EngineRequest) -> Slot:
+        request.started_at = time.perf_counter()
+        self.metrics.queue_time.observe(request.started_at - request.arrived_at)
+        sampler = SequenceSampler(request.params, self.model.num_tokens, device=self.device)
+        sampler.observe_prompt(request.prompt)
+        self.decoder.reset(index)
+        return Slot(request=request, sampler=sampler)
+
+    def prefill(self) -> None:
+        for index, slot in enumerate(self.slots):
+            if slot is None or slot.prefilled == len(slot.request.prompt):
+                continue
+            prompt = slot.request.prompt
+            end = self.decoder.chunk_end(slot.prefilled, len(prompt))
+            chunk = torch.tensor([prompt[slot.prefilled : end]], device=self.device)
+            logits = self.decoder.step(torch.tensor([index], device=self.device), chunk)[:, -1]  # (1, V)
+            slot.prefilled = end
+            self.metrics.prompt_tokens_total.inc(len(chunk[0]))
+            if slot.prefilled == len(prompt):
+                self.sample([index], logits)
+
+    def decode(self) -> None:
+        active = [i for i, slot in enumerate(self.slots) if slot is not None and slot.next_token is not None]
+        if not active:
+            return
+        started = time.perf_counter()
+        tokens = torch.tensor([self.slots[i].next_token for i in active], device=self.device)
+        if len(active) == self.max_batch_size:
+            logits = self.decoder.decode_all(tokens)
+        else:
+            logits = self.decoder.decode(torch.tensor(active, device=self.device), tokens)
+        self.sample(active, logits)
+        self.metrics.decode_step_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(active))
+
+    def sample(self, indices: list[int], logits: torch.Tensor) -> None:
+        """Sample one token for each of the slots `indices` from logits (B, V) and hand it over."""
+        slots = [self.slots[i] for i in indices]
+        result = sample_batch(logits, [slot.sampler for slot in slots])
+        now = time.perf_counter()
+        limit = self.context_limit
+        for row, (index, slot) in enumerate(zip(indices, slots, strict=True)):
+            request = slot.request
+            if result.errors[row] is not None:
+                self.finish(index, "error", f"sampling failed: {result.errors[row]}")
+                continue
+            token = int(result.tokens[row])
+            request.emit(TokenEvent(token, float(result.logprobs[row]), result.top_logprobs[row]))
+            if request.first_token_at is None:
+                request.first_token_at = now
+                self.metrics.time_to_first_token.observe(now - request.arrived_at)
+            else:
+                self.metrics.inter_token_latency.observe(now - request.last_token_at)
+            request.last_token_at = now
+            request.generated += 1
+            self.metrics.generation_tokens_total.inc()
+            slot.next_token = token
+            position = self.decoder.position(index)
+            if request.generated >= request.max_tokens or (limit is not None and position >= limit):
+                self.finish(index, "length")
+
+    def finish(self, index: int, reason: str, message: str | None = None) -> None:
+        slot = self.slots[index]
+        request = slot.request
+        if request.finished:
+            return
+        request.finished = True
+        slot.next_token = None
+        if reason != "cancelled":
+            request.emit(FinishEvent(reason, message))
+        if reason in ("cancelled", "error"):
+            self.metrics.request_failures.labels(reason=reason).inc()
+        now = time.perf_counter()
+        self.metrics.e2e_latency.observe(now - request.arrived_at)
+        self.metrics.request_prompt_tokens.observe(len(request.prompt))
+        self.metrics.request_generation_tokens.observe(request.generated)
+        self.slots[index] = None
+
+    def update_gauges(self) -> None:
+        in_use = sum(slot is not None for slot in self.slots)
+        self.metrics.kv_slots_used.set(in_use)
+        self.metrics.requests_running.set(in_use)
+        self.metrics.requests_waiting.set(len(self.waiting))

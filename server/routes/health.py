@@ -1,0 +1,35 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.state import StateDep
+
+router = APIRouter()
+
+
+@router.get("/health")
+def health(state: StateDep) -> JSONResponse:
+    """200 while the process and the engine loop are alive (also while loading); 503 once either has failed."""
+    if state.load_error is not None:
+        return JSONResponse({"status": "failed", "reason": state.load_error}, status_code=503)
+    if state.engine is not None and not state.engine.alive:
+        return JSONResponse({"status": "failed", "reason": "the engine loop has stopped"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+def ready(state: StateDep) -> JSONResponse:
+    """200 when requests can be served; 503 while loading weights, while draining, or after a failure."""
+    if state.ready:
+        return JSONResponse({"status": "ready"})
+    reason = "draining" if state.draining else "loading" if state.engine is None and not state.load_error else "failed"
+    return JSONResponse({"status": reason}, status_code=503)
+
+
+@router.get("/metrics")
+def metrics(state: StateDep) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

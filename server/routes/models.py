@@ -1,0 +1,35 @@
+"""GET /v1/models: the one model this server runs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from server.errors import NotFound
+from server.protocol import ModelCard, ModelList
+from server.state import EngineDep, StateDep, require_api_key
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def model_card(state: StateDep, engine: EngineDep) -> ModelCard:
+    planner = engine.decoder.planner
+    return ModelCard(
+        id=state.settings.served_model_name(),
+        created=state.started_at,
+        max_model_len=engine.context_limit,
+        window_size=planner.window_size,
+        look_backward=planner.look_backward,
+    )
+
+
+@router.get("/v1/models")
+def list_models(state: StateDep, engine: EngineDep) -> ModelList:
+    return ModelList(data=[model_card(state, engine)])
+
+
+@router.get("/v1/models/{model_id}")
+def get_model(model_id: str, state: StateDep, engine: EngineDep) -> ModelCard:
+    card = model_card(state, engine)
+    if model_id != card.id:
+        raise NotFound(f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+    return card

@@ -1,0 +1,45 @@
+"""Server-Sent Events: framing, and a streaming response that notices a client leaving at once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Connection": "keep-alive",
+    "X-Accel-Buffering": "no",  # nginx and friends: do not buffer the stream
+}
+DONE = "data: [DONE]\n\n"
+PING = ": ping\n\n"
+
+
+def sse_data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class EventStreamResponse(StreamingResponse):
+    """A text/event-stream response that stops its body the moment the client disconnects.
+
+    The body runs beside a listener for `http.disconnect`: when the client goes, the body's generator is
+    cancelled at its next await, even while it waits for tokens (a queued request, a slow step).
+    """
+
+    def __init__(self, content, **kwargs) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS, **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def body() -> None:
+                with contextlib.suppress(OSError):  # the client went away while we were writing
+                    await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(body)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
