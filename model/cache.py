@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-Slots = Tensor | slice  # slot indices (B,), or slice(None) for every slot in order, which reads views, not copies
+Slots = Tensor | slice  # slot indices (B,), or a slice of slots (e.g. every slot), which reads views, not copies
 ALL_SLOTS = slice(None)
 
 

@@ -66,20 +66,25 @@ class Decoder:
         return int(self.cache.lengths[slot])
 
     @torch.inference_mode()
-    def step(self, slots: Slots, tokens: Tensor) -> Tensor:
+    def step(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
         """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens).
 
-        `slots` may be ALL_SLOTS (tokens for every slot, in order): the shape is then fixed and nothing is gathered.
+        `slots` may be a slice (ALL_SLOTS, or a range of slots): the cache is then read in place, not gathered.
+        `advance` (B,) bool marks the slots that really take these tokens; the others ride along in the batch
+        and keep their position. Their key is written at their current position's ring index, whose old entry
+        is out of every later query's window and which their next real token overwrites: nothing reads it.
         """
         model, cache = self.model, self.cache
         length = tokens.shape[1]
         first = cache.lengths[slots]  # (B,)
         positions = first[:, None] + torch.arange(length, device=tokens.device)  # (B, L)
+        if advance is not None:
+            positions = positions * advance[:, None]  # riders embed at position 0: always in range
         x = model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
         plan = self.planner.plan(cache, slots, length)
         steps = [CachedStep(cache, layer, plan) for layer in range(len(model.layers))]
         hidden = model.run_layers(x, cached_steps=steps)
-        cache.lengths[slots] += length
+        cache.lengths[slots] += length if advance is None else advance * length
         return model.to_logits(hidden)
 
     def chunk_end(self, start: int, end: int) -> int:
@@ -100,9 +105,9 @@ class Decoder:
             start = end
         return logits
 
-    def decode(self, slots: Slots, tokens: Tensor) -> Tensor:
+    def decode(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
         """One token (B,) for each of slots (B,) -> next-token logits (B, num_tokens)."""
-        return self.step(slots, tokens[:, None])[:, 0]
+        return self.step(slots, tokens[:, None], advance)[:, 0]
 
     def decode_all(self, tokens: Tensor) -> Tensor:
         """One token for every slot (num_slots,) -> next-token logits (num_slots, num_tokens).

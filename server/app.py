@@ -1,7 +1,8 @@
-"""The FastAPI application: create_app wires settings, routes, error handling, metrics and the model's lifecycle.
+"""The FastAPI application: create_app wires settings, routes, error handling and metrics.
 
-Weights load in the lifespan, on a worker thread: the server answers /health (200) and /ready (503) while a
-large checkpoint loads, and serves once the engine runs.
+The model is not the app's: `windowlm serve` loads it on the main thread while the HTTP server already answers
+(/health 200, /ready 503 until the engine runs), then hands the engine to the app's state. The lifespan stops
+the engine when the HTTP server shuts down.
 """
 
 from __future__ import annotations
@@ -29,36 +30,26 @@ ALWAYS_OPEN = {"/health", "/ready", "/metrics"}  # answered while draining
 
 
 def load_engine(settings: Settings, metrics: Metrics) -> Engine:
+    """Load the checkpoint the settings name and build its engine (not yet running)."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     model, _ = load_checkpoint(settings.weights, device=device, dtype=dtype)
-    engine = Engine(
+    logger.info("loaded %s from %s on %s (%s)", settings.served_model_name(), settings.weights, device, dtype)
+    return Engine(
         model,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
         metrics=metrics,
         prefill_chunk=settings.prefill_chunk,
     )
-    engine.start()
-    logger.info("serving %s from %s on %s (%s)", settings.served_model_name(), settings.weights, device, dtype)
-    return engine
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.server
-
-    async def load() -> None:
-        try:
-            state.engine = await asyncio.to_thread(load_engine, state.settings, state.metrics)
-        except Exception as error:
-            logger.exception("could not load %s", state.settings.weights)
-            state.load_error = f"{type(error).__name__}: {error}"
-
-    loading = asyncio.create_task(load())
     try:
         yield
     finally:
-        loading.cancel()
+        state.draining = True
         if state.engine is not None:
             state.engine.stop()
 

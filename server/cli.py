@@ -12,6 +12,9 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 def build_parser() -> argparse.ArgumentParser:
     from server.bench import add_bench_arguments
+    from server.bench_serve import add_serve_bench_arguments
+    from weights.convert import add_convert_arguments
+    from weights.train import add_train_arguments
 
     parser = argparse.ArgumentParser(prog="windowlm", description="Serve local-attention language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,9 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
 
+    add_train_arguments(commands.add_parser("train", help="train a byte-level model and write a checkpoint"))
+    add_convert_arguments(
+        commands.add_parser("convert", help="turn a local-attention state dict into a windowlm checkpoint")
+    )
+
     bench = commands.add_parser("bench", help="benchmarks that print JSON")
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
     add_bench_arguments(bench_kinds.add_parser("decode", help="decode speed and memory of the sliding cache"))
+    add_serve_bench_arguments(bench_kinds.add_parser("serve", help="the HTTP path under concurrent streams"))
     return parser
 
 
@@ -94,11 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         from server.bench import run_decode_bench
+        from server.bench_serve import run_serve_bench
 
-        print(json.dumps(run_decode_bench(args), indent=2))
+        run = run_decode_bench if args.bench == "decode" else run_serve_bench
+        print(json.dumps(run(args), indent=2))
         return 0
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "train":
+        from weights.train import run_train
+
+        return run_train(args)
+    if args.command == "convert":
+        from weights.convert import run_convert
+
+        return run_convert(args)
     if args.command == "serve":
         from server.serve import run_serve
 

@@ -147,7 +147,7 @@ class GenerationFailed(Exception):
 async def run_choices(
     requests: list[EngineRequest], choices: list[ChoiceText], idle_seconds: float
 ) -> AsyncIterator[list[ChoiceDelta] | None]:
-    """Merge the events of every choice into lists of deltas; None after `idle_seconds` without any event.
+    """Merge the events of every choice into lists of deltas; None after about `idle_seconds` without events.
 
     A choice that meets a stop sequence is cancelled in the engine at once. The engine requests are cancelled
     when the iteration ends for any reason (client gone, error), so their slots are freed.
@@ -156,18 +156,25 @@ async def run_choices(
     open_choices = {choice.index for choice in choices}
     by_index = {choice.index: choice for choice in choices}
     requests_by_index = {request.tag: request for request in requests}
+    heartbeat = asyncio.ensure_future(beat(events, idle_seconds))
+    loop = asyncio.get_running_loop()
+    last_event = loop.time()
     try:
         while open_choices:
-            try:
-                first = await asyncio.wait_for(events.get(), idle_seconds)
-            except TimeoutError:
-                yield None
-                continue
-            items = [first]
+            items = [await events.get()]
             while not events.empty():
                 items.append(events.get_nowait())
+            if all(item is IDLE for item in items):
+                if loop.time() - last_event >= idle_seconds:
+                    last_event = loop.time()
+                    yield None
+                continue
+            last_event = loop.time()
             deltas: dict[int, ChoiceDelta] = {}
-            for index, event in items:
+            for item in items:
+                if item is IDLE:
+                    continue
+                index, event = item
                 if index not in open_choices:
                     continue
                 choice, delta = by_index[index], deltas.setdefault(index, ChoiceDelta(index))
@@ -182,5 +189,16 @@ async def run_choices(
                     requests_by_index[index].stop()
             yield [deltas[index] for index in sorted(deltas)]
     finally:
+        heartbeat.cancel()
         for request in requests:
             request.cancel()
+
+
+IDLE = object()  # put on a request's event queue at every beat, so a stream waiting for tokens can ping
+
+
+async def beat(events: asyncio.Queue, seconds: float) -> None:
+    """One timer per stream (not one per token): wake the stream's reader every `seconds`."""
+    while True:
+        await asyncio.sleep(seconds)
+        events.put_nowait(IDLE)

@@ -136,14 +136,25 @@ class Engine:
         return bool(self.waiting) or any(slot is not None for slot in self.slots)
 
     def start(self) -> None:
+        """Run the loop on a thread of its own."""
         self.running = True
         self.thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def run_forever(self) -> None:
+        """Run the loop on the calling thread until `stop`. On CPU this is best done on the main thread:
+        torch's OpenMP pool is fast there, while parallel regions started from another thread are slower."""
+        self.running = True
+        self.thread = threading.current_thread()
+        self.run()
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current step (from any thread)."""
         with self.wakeup:
             self.running = False
             self.wakeup.notify()
-        if self.thread.is_alive():
+
+    def join(self, timeout: float = 10.0) -> None:
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout)
 
     def submit(self, requests: list[EngineRequest]) -> None:
@@ -250,18 +261,22 @@ class Engine:
                 self.sample([index], logits)
 
     def decode(self) -> None:
-        active = [i for i, slot in enumerate(self.slots) if slot is not None and slot.next_token is not None]
-        if not active:
+        """One token for every generating slot. Slots are admitted lowest index first, so the generating ones
+        mostly fill a prefix: the step runs over slots [0, highest generating] in place, and the few slots in
+        that range that are free or still reading their prompt ride along without advancing."""
+        generating = [i for i, slot in enumerate(self.slots) if slot is not None and slot.next_token is not None]
+        if not generating:
             return
         started = time.perf_counter()
-        tokens = torch.tensor([self.slots[i].next_token for i in active], device=self.device)
-        if len(active) == self.max_batch_size:
-            logits = self.decoder.decode_all(tokens)
-        else:
-            logits = self.decoder.decode(torch.tensor(active, device=self.device), tokens)
-        self.sample(active, logits)
+        span = generating[-1] + 1
+        tokens = torch.zeros(span, dtype=torch.long)
+        advance = torch.zeros(span, dtype=torch.bool)
+        tokens[generating] = torch.tensor([self.slots[i].next_token for i in generating])
+        advance[generating] = True
+        logits = self.decoder.decode(slice(0, span), tokens.to(self.device), advance.to(self.device))
+        self.sample(generating, logits[generating] if len(generating) < span else logits)
         self.metrics.decode_step_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(active))
+        self.metrics.batch_size.observe(len(generating))
 
     def sample(self, indices: list[int], logits: torch.Tensor) -> None:
         """Sample one token for each of the slots `indices` from logits (B, V) and hand it over."""

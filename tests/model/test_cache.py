@@ -208,3 +208,30 @@ def test_million_token_prompt_prefills_in_bounded_memory() -> None:
     )
     growth = int(result.stdout.split()[-1])
     assert growth < 64 * 2**20, f"prefilling 1,000,000 tokens grew the process by {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_slots_riding_along_without_advancing_are_not_disturbed(exact: bool) -> None:
+    net = build(seed=6, exact_windowsize=exact, look_backward=2)
+    generator = torch.Generator().manual_seed(8)
+    decoding, reading = (
+        torch.randint(0, 256, (60,), generator=generator),
+        torch.randint(0, 256, (60,), generator=generator),
+    )
+    with torch.no_grad():
+        expected_decoding, expected_reading = net(decoding[None])[0], net(reading[None])[0]
+    decoder = Decoder(net, num_slots=3, prefill_chunk=WINDOW)
+    decoder.prefill(0, decoding[:5])
+    advance = torch.tensor([True, False, False])  # slot 1 reads a prompt chunk by chunk; slot 2 is free
+    read = 0
+    for position in range(5, 45):
+        if read < 40:  # one prompt chunk for slot 1 between decode steps
+            end = decoder.chunk_end(read, 40)
+            decoder.step(torch.tensor([1]), reading[None, read:end])
+            read = end
+        tokens = torch.stack((decoding[position], torch.tensor(0), torch.tensor(0)))
+        logits = decoder.decode(slice(0, 3), tokens, advance)
+        assert (logits[0] - expected_decoding[position]).abs().max() <= TOLERANCE
+    assert decoder.position(1) == 40 and decoder.position(2) == 0
+    logits = decoder.decode(torch.tensor([1]), reading[40:41])[0]
+    assert (logits - expected_reading[40]).abs().max() <= TOLERANCE
