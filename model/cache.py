@@ -22,6 +22,8 @@ attention frame at every step, so they stay small and exact at any length.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -88,18 +90,29 @@ class SlidingKVCache:
         """Keys and values (B, heads, capacity, dim_head) of one layer for the given slots."""
         return self.keys[layer, slots], self.values[layer, slots]
 
-    def write(self, layer: int, slots: Slots, first_position: Tensor, keys: Tensor, values: Tensor) -> None:
-        """Store keys and values (B, heads, L, dim_head) of positions first..first+L-1 of each slot.
+    def write_target(self, slots: Slots, first_position: Tensor, length: int) -> WriteTarget:
+        """Where a step's keys of positions first..first+L-1 go: the same for every layer, so made once.
 
         Only the newest `capacity` positions are kept, so no two writes land on one ring index.
         """
-        length = keys.shape[-2]
         kept = min(length, self.capacity)
-        offsets = torch.arange(length - kept, length, device=keys.device)  # (kept,)
+        offsets = torch.arange(length - kept, length, device=first_position.device)  # (kept,)
         index = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
         if isinstance(slots, slice):
-            slots = torch.arange(self.num_slots, device=keys.device)[slots]
-        rows = slots[:, None].expand_as(index)  # (B, kept)
+            slots = torch.arange(self.num_slots, device=first_position.device)[slots]
+        return WriteTarget(rows=slots[:, None].expand_as(index), index=index, skip=length - kept)
+
+    def write(self, layer: int, target: WriteTarget, keys: Tensor, values: Tensor) -> None:
+        """Store one layer's keys and values (B, heads, L, dim_head) at `target`."""
         # advanced indexing puts the (B, kept) index dims first: (B, kept, heads, dim_head)
-        self.keys[layer, rows, :, index] = keys[:, :, length - kept :].transpose(1, 2)
-        self.values[layer, rows, :, index] = values[:, :, length - kept :].transpose(1, 2)
+        self.keys[layer, target.rows, :, target.index] = keys[:, :, target.skip :].transpose(1, 2)
+        self.values[layer, target.rows, :, target.index] = values[:, :, target.skip :].transpose(1, 2)
+
+
+@dataclass
+class WriteTarget:
+    """Ring entries one step writes: slot rows and ring indices (B, kept), after skipping `skip` new positions."""
+
+    rows: Tensor
+    index: Tensor
+    skip: int

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.attention import SELF_ATTENTION_LOGIT
-from model.cache import SlidingKVCache, Slots, cache_capacity
+from model.cache import SlidingKVCache, Slots, WriteTarget, cache_capacity
 from model.positions import rotate_half
 
 
@@ -47,7 +47,7 @@ class StepPlan:
     """Position-derived tensors for one cached step, shared by all layers."""
 
     slots: Slots  # (B,) long, or every slot
-    first_position: Tensor  # (B,) long: position of each slot's first new token
+    write_target: WriteTarget  # where every layer stores the step's keys and values
     write_first: bool  # decode layout (L == 1)
     score_bias: Tensor  # (B, 1 or heads, L, K): the position bias, and a huge negative for keys not to see
     self_key: Tensor | None  # (B, 1, L, K) bool: a query's own key (shared_qk only)
@@ -128,7 +128,7 @@ class StepPlanner:
 
         return StepPlan(
             slots=slots,
-            first_position=first,
+            write_target=cache.write_target(slots, first, length),
             write_first=write_first,
             score_bias=score_bias,
             self_key=self_key,
@@ -162,11 +162,11 @@ class CachedStep:
         """New q, k, v (B, h, L, dh) of this layer -> attention output (B, h, L, dh); stores k and v."""
         plan, cache = self.plan, self.cache
         if plan.write_first:
-            cache.write(self.layer, plan.slots, plan.first_position, k, v)
+            cache.write(self.layer, plan.write_target, k, v)
             keys, values = cache.read(self.layer, plan.slots)  # (B, h, C, dh)
         else:
             ring_keys, ring_values = cache.read(self.layer, plan.slots)
             keys = torch.cat((ring_keys, k), dim=2)  # (B, h, C + L, dh)
             values = torch.cat((ring_values, v), dim=2)
-            cache.write(self.layer, plan.slots, plan.first_position, k, v)
+            cache.write(self.layer, plan.write_target, k, v)
         return attend(q, keys, values, plan, scale)

@@ -68,6 +68,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty changes the logits (and so token counts must be kept)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
     def validate(self) -> None:
         """Raise SamplingError naming the first field that is out of range."""
         t = self.temperature
@@ -201,6 +206,8 @@ def _penalised(
     raw = logits.float()  # (B, V)
     code = _failure_codes(raw)  # (B,)
     raw = raw.masked_fill(code[:, None] > 0, 0.0)
+    if not any(s.params.penalised for s in samplers):
+        return raw, raw, code
     seen = torch.stack([s.prompt_seen for s in samplers])  # (B, V)
     counts = torch.stack([s.output_counts for s in samplers])  # (B, V)
     penalised = apply_penalties(raw, seen, counts, params)  # (B, V)
@@ -291,18 +298,24 @@ def sample_batch(logits: Tensor, samplers: Sequence[SequenceSampler]) -> SampleR
     params = BatchParams.from_samplers(samplers, device)
     raw, penalised, code = _penalised(logits, samplers, params)
     failed = code > 0  # (B,)
-    scaled, ids = _filter_sorted(penalised, params)  # (B, V)
-    tokens = _draw(scaled, ids, _uniforms(samplers, device))  # (B,)
+    if all(s.params.greedy for s in samplers):
+        tokens = penalised.argmax(dim=-1)  # (B,) the lowest id among ties, as the sorted path picks
+    else:
+        scaled, ids = _filter_sorted(penalised, params)  # (B, V)
+        tokens = _draw(scaled, ids, _uniforms(samplers, device))  # (B,)
     tokens = tokens.masked_fill(failed, FAILED_TOKEN)
 
     raw_logprobs = torch.log_softmax(raw, dim=-1)  # (B, V)
     safe = tokens.clamp(min=0)  # (B,)
     chosen = raw_logprobs.gather(1, safe[:, None]).squeeze(1).masked_fill(failed, 0.0)  # (B,)
 
-    counts = torch.stack([s.output_counts for s in samplers])  # (B, V)
-    counts.scatter_add_(1, safe[:, None], (~failed)[:, None].to(counts.dtype))
-    for s, row in zip(samplers, counts.unbind(0), strict=True):
-        s.output_counts = row
+    counting = [row for row, s in enumerate(samplers) if s.params.penalised]  # only penalties read the counts
+    if counting:
+        index = torch.tensor(counting, device=device)  # (P,)
+        counts = torch.stack([samplers[row].output_counts for row in counting])  # (P, V)
+        counts.scatter_add_(1, safe[index, None], (~failed[index])[:, None].to(counts.dtype))
+        for row, counted in zip(counting, counts.unbind(0), strict=True):
+            samplers[row].output_counts = counted
 
     codes = code.tolist()
     failed_rows = [c > 0 for c in codes]

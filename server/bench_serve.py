@@ -145,6 +145,10 @@ def engine_tokens_per_second(model: torch.nn.Module, concurrency: int, max_token
         ]
         while not engine.alive:
             await asyncio.sleep(0.01)
+        warm_up = EngineRequest([1, 2, 3], GREEDY, 32, loop, asyncio.Queue())
+        engine.submit([warm_up])
+        while not isinstance((await warm_up.events.get())[1], FinishEvent):
+            pass
         started = time.perf_counter()
         engine.submit(requests)
         finished = tokens = 0

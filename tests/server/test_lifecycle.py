@@ -21,8 +21,9 @@ ENDLESS = {"model": TEST_MODEL, "prompt": "endless", "max_tokens": 1_000_000, "s
 
 @pytest.fixture(scope="module")
 def tiny(relative_checkpoint) -> Iterator[ServerProcess]:
-    """One slot, one place in the queue, an API key."""
-    process = ServerProcess(relative_checkpoint, "--max-batch-size", "1", "--max-queue", "1", "--api-key", KEY)
+    """One slot, one place in the queue, an API key, pings every 0.2 s."""
+    flags = ("--max-batch-size", "1", "--max-queue", "1", "--api-key", KEY, "--ping-interval", "0.2")
+    process = ServerProcess(relative_checkpoint, *flags)
     yield process
     process.stop()
 
@@ -97,6 +98,20 @@ def test_disconnected_stream_frees_its_slot_and_a_queued_one_never_starts(tiny: 
     assert tiny.wait_metric("windowlm_request_failures_total", cancelled_before + 2, reason="cancelled") == (
         cancelled_before + 2
     )
+
+
+def test_a_stream_waiting_for_a_slot_gets_pings(tiny: ServerProcess) -> None:
+    running = Stream(tiny, ENDLESS, AUTH)
+    waiting = Stream(tiny, ENDLESS, AUTH)
+    try:
+        running.read_tokens(2)
+        started = time.monotonic()
+        assert next(waiting.lines) == ": ping"
+        assert time.monotonic() - started < 2
+    finally:
+        running.close()
+        waiting.close()
+    assert tiny.wait_metric("windowlm_kv_slots_used", 0) == 0
 
 
 def test_non_streaming_request_is_aborted_when_its_client_leaves(tiny: ServerProcess) -> None:
