@@ -12,7 +12,7 @@ PORT ?= 8000
 # torch==2.13.0, which pip finds on this project's CPU machines without downloading a CUDA build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: serve test lint install install-dev clean
+.PHONY: serve test lint lint-docker docker-smoke install install-dev clean
 
 serve: $(VENV)/.installed
 	$(BIN)/windowlm serve --host $(HOST) --port $(PORT)
@@ -22,9 +22,21 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
-lint: $(VENV)/.installed-dev
+lint: lint-docker $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The container files, offline (tests/docker runs the same checks in `make test`).
+lint-docker: $(VENV)/.installed-dev
+	$(BIN)/hadolint --failure-threshold style Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
+	$(BIN)/kubernetes-validate --strict --quiet docker/k8s/*.yaml docker/k8s/fallback/*.yaml
+	$(BIN)/shellcheck --severity=style docker/smoke.sh
+
+# Build the Dockerfile and run the image for real with podman (root, minutes, network to PyPI and Debian);
+# not part of `make test`.
+docker-smoke:
+	bash docker/smoke.sh
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
-
 
 def build_parser() -> argparse.ArgumentParser:
     from server.bench import add_bench_arguments
@@ -37,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="stream a completion of a prompt to stdout")
     generate.add_argument("prompt")
-    generate.add_argument("--weights", default=None, help="checkpoint folder (default: the bundled model)")
+    generate.add_argument(
+        "--weights", default=None, help="checkpoint folder (default: WINDOWLM_WEIGHTS, else the bundled model)"
+    )
     generate.add_argument("--max-tokens", type=int, default=256)
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-p", type=float, default=1.0)
@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def weights_folder(given: str | None) -> Path:
-    folder = DEFAULT_WEIGHTS if given is None else Path(given)
+    """--weights, else WINDOWLM_WEIGHTS, else the bundled model: the same default as `windowlm serve`."""
+    from server.config import Settings
+
+    folder = Settings().weights if given is None else Path(given)
     if not (folder / "config.json").is_file():
         what = "the bundled model" if given is None else "--weights"
         raise SystemExit(f"windowlm: {what} at {folder} is not a checkpoint folder (no config.json)")

@@ -85,7 +85,10 @@ class EngineRequest:
 
     def emit(self, event: TokenEvent | FinishEvent) -> None:
         """Hand an event to the request's event loop (called from the engine thread)."""
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.tag, event))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.tag, event))
+        except RuntimeError:  # that event loop has closed: nobody listens any more, so stop generating
+            self.cancelled = True
 
 
 @dataclass

@@ -1,0 +1,110 @@
+"""The engine in process: continuous batching, chunked prefill beside running streams, slot reuse."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from model.generate import Decoder, stream_tokens
+from model.sampling import SamplingParams, SequenceSampler
+from server.engine import Engine, EngineOverloaded, EngineRequest, FinishEvent, TokenEvent
+from server.metrics import Metrics
+from tests.server.conftest import make_checkpoint
+from weights.io import load_checkpoint
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    folder = make_checkpoint(tmp_path_factory.mktemp("engine") / "ckpt", use_abs_pos_emb=False, max_seq_len=1)
+    return load_checkpoint(folder)[0]
+
+
+def run_engine(model, coroutine_factory, **options) -> object:
+    engine = Engine(model, metrics=Metrics(), **{"max_batch_size": 4, "max_queue": 8, **options})
+    engine.start()
+    try:
+        return asyncio.run(coroutine_factory(engine))
+    finally:
+        engine.stop()
+        engine.join()
+
+
+def alone(model, prompt: list[int], tokens: int) -> list[int]:
+    sampler = SequenceSampler(GREEDY, 256)
+    return list(stream_tokens(Decoder(model, num_slots=1), 0, prompt, sampler, tokens))
+
+
+async def collect(events: asyncio.Queue, count: int) -> dict[int, list]:
+    """Every event of `count` requests sharing one queue, in arrival order, by tag."""
+    seen: dict[int, list] = {}
+    finished = 0
+    while finished < count:
+        tag, event = await events.get()
+        seen.setdefault(tag, []).append(event)
+        finished += isinstance(event, FinishEvent)
+    return seen
+
+
+def test_requests_batched_together_give_their_text_alone(model) -> None:
+    prompts = [list(f"prompt {i} ".encode()) * (i + 1) for i in range(6)]  # more requests than slots
+
+    async def scenario(engine: Engine) -> dict[int, list]:
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        engine.submit([EngineRequest(p, GREEDY, 20 + i, loop, events, tag=i) for i, p in enumerate(prompts)])
+        return await collect(events, len(prompts))
+
+    seen = run_engine(model, scenario)
+    for tag, prompt in enumerate(prompts):
+        tokens = [event.token for event in seen[tag] if isinstance(event, TokenEvent)]
+        assert tokens == alone(model, prompt, 20 + tag)
+        assert seen[tag][-1] == FinishEvent("length")
+
+
+def test_a_long_prompt_is_read_a_chunk_per_step_beside_a_running_stream(model) -> None:
+    long_prompt = list(torch.randint(0, 256, (40 * 8,), generator=torch.Generator().manual_seed(0)).tolist())
+
+    async def scenario(engine: Engine) -> list:
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        engine.submit([EngineRequest(list(b"running"), GREEDY, 200, loop, events, tag=0)])
+        while (await events.get())[0] != 0:
+            pass
+        engine.submit([EngineRequest(long_prompt, GREEDY, 5, loop, events, tag=1)])
+        order = []
+        while True:
+            tag, event = await events.get()
+            order.append(tag)
+            if tag == 1 and isinstance(event, TokenEvent):
+                return order
+
+    order = run_engine(model, scenario, prefill_chunk=8)
+    assert order.count(0) >= 39  # the 40-chunk prompt took 40 steps, and the stream got a token in each
+
+
+def test_queue_limit_and_cancelled_waiting_request(model) -> None:
+    async def scenario(engine: Engine) -> tuple[float, bool]:
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        running = EngineRequest(list(b"a"), GREEDY, 10_000, loop, events, tag=0)
+        waiting = EngineRequest(list(b"b"), GREEDY, 10, loop, events, tag=1)
+        engine.submit([running, waiting])
+        with pytest.raises(EngineOverloaded):
+            engine.submit([EngineRequest(list(b"c"), GREEDY, 10, loop, events, tag=2)])
+        waiting.cancel()
+        await events.get()
+        running.cancel()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not engine.busy:
+                break
+        started = engine.metrics.registry.get_sample_value("windowlm_queue_time_seconds_count")
+        return started, engine.busy
+
+    started, busy = run_engine(model, scenario, max_batch_size=1, max_queue=1)
+    assert started == 1  # the cancelled waiting request never took a slot
+    assert not busy
