@@ -153,13 +153,12 @@ def generate(
     samplers = reference_samplers(batch, model.num_tokens, temperature, filter_thres, seed, prime.device)
     decoder = Decoder(model, num_slots=batch)
     logits = torch.stack([decoder.prefill(slot, prime[slot]) for slot in range(batch)])  # (b, V)
-    slots = torch.arange(batch, device=prime.device)
     sampled = []
     for index in range(seq_len):
         token = next_tokens(logits, samplers)  # (b,)
         sampled.append(token)
         if index + 1 < seq_len:
-            logits = decoder.decode(slots, token)
+            logits = decoder.decode_all(token)
     return torch.stack(sampled, dim=1) if sampled else prime.new_zeros((batch, 0))
 
 
