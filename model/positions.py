@@ -91,8 +91,8 @@ class DynamicPositionBias(nn.Module):
 
     def distance_table(self, max_distance: int) -> Tensor:
         """Bias (max_distance, heads) for distances 0..max_distance-1."""
-        device = self.mlp[0].weight.device
-        distances = torch.arange(max_distance, dtype=torch.float, device=device)  # (D,)
+        weight = self.mlp[0].weight
+        distances = torch.arange(max_distance, dtype=weight.dtype, device=weight.device)  # (D,)
         return self.mlp(distances[:, None])  # (D, heads)
 
     def forward(self, i: int, j: int) -> Tensor:

@@ -235,3 +235,22 @@ def test_slots_riding_along_without_advancing_are_not_disturbed(exact: bool) -> 
     assert decoder.position(1) == 40 and decoder.position(2) == 0
     logits = decoder.decode(torch.tensor([1]), reading[40:41])[0]
     assert (logits - expected_reading[40]).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("positions", ["rotary", "xpos", "dynamic_bias"])
+def test_half_precision_decoding_follows_float32(dtype: torch.dtype, positions: str) -> None:
+    options = dict(use_xpos=positions == "xpos", use_dynamic_pos_bias=positions == "dynamic_bias")
+    net = build(seed=9, **options)
+    half = build(seed=9, **options).to(dtype)
+    for module in half.modules():  # rotary frequencies stay float32, as load_checkpoint keeps them
+        if hasattr(module, "inv_freq"):
+            module.inv_freq = module.inv_freq.float()
+    tokens = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(2))
+    exact, approximate = Decoder(net, num_slots=1), Decoder(half, num_slots=1)
+    assert approximate.cache.keys.dtype == dtype
+    for token in tokens:
+        expected = exact.decode_all(token[None])[0].softmax(-1)
+        actual = approximate.decode_all(token[None])[0].float().softmax(-1)
+        assert torch.isfinite(actual).all()
+        assert (expected - actual).abs().max() < 0.05
