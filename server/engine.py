@@ -257,7 +257,11 @@ class Engine:
             prompt = slot.request.prompt
             end = self.decoder.chunk_end(slot.prefilled, len(prompt))
             chunk = torch.tensor([prompt[slot.prefilled : end]], device=self.device)
-            logits = self.decoder.step(torch.tensor([index], device=self.device), chunk)[:, -1]  # (1, V)
+            try:
+                logits = self.decoder.step(torch.tensor([index], device=self.device), chunk)[:, -1]  # (1, V)
+            except ValueError as error:  # this prompt cannot be read (e.g. past the context): fail it alone
+                self.finish(index, "error", str(error))
+                continue
             slot.prefilled = end
             self.metrics.prompt_tokens_total.inc(len(chunk[0]))
             if slot.prefilled == len(prompt):
