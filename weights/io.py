@@ -227,9 +227,16 @@ def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         write(temporary_path)
         with open(temporary_path, "rb") as written:
             os.fsync(written.fileno())
+        os.chmod(temporary_path, 0o666 & ~_umask())  # mkstemp makes the file private; a checkpoint is not
         os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_config(directory: str | os.PathLike[str]) -> Checkpoint:
