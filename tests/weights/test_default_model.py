@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,13 +35,10 @@ def test_bundled_model_is_small_relative_and_documented(bundled) -> None:
 
 
 @pytest.mark.slow
-def test_recorded_held_out_bits_per_byte_match_a_fresh_evaluation(bundled) -> None:
+def test_recorded_held_out_bits_per_byte_match_a_fresh_evaluation(bundled, shakespeare_folder: Path) -> None:
     model, checkpoint = bundled
     record = checkpoint.training
-    texts = subprocess.run(
-        ["bash", str(ROOT / "weights" / "fetch_shakespeare.sh")], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    corpus = shakespeare_corpus(texts, held_out=record["held_out_works"])
+    corpus = shakespeare_corpus(shakespeare_folder, held_out=record["held_out_works"])
     assert corpus.fingerprint() == record["corpus_sha256"]
     fresh = evaluate_bits_per_byte(model, corpus.validation, record["validation"]["seq_len"])
     assert abs(fresh - record["validation"]["bits_per_byte"]) <= 0.02
