@@ -133,7 +133,7 @@ async def one_round(port: int, concurrency: int, max_tokens: int) -> dict[str, A
 def engine_tokens_per_second(model: torch.nn.Module, concurrency: int, max_tokens: int) -> float:
     """The same load on the engine alone, in this process and without HTTP: the engine loop runs on this (main)
     thread as in `windowlm serve`, and a consumer on an event loop thread takes the tokens."""
-    engine = Engine(model, max_batch_size=concurrency, max_queue=0, metrics=Metrics())
+    engine = Engine(model, max_batch_size=concurrency, max_queue=concurrency, metrics=Metrics())
     measured: dict[str, float] = {}
 
     async def consume() -> None:

@@ -318,6 +318,7 @@ class Engine:
             return
         request.finished = True
         slot.next_token = None
+        self.slots[index] = None  # free before telling the client, who may send its next request at once
         if reason != "cancelled":
             request.emit(FinishEvent(reason, message))
         if reason in ("cancelled", "error"):
@@ -326,7 +327,6 @@ class Engine:
         self.metrics.e2e_latency.observe(now - request.arrived_at)
         self.metrics.request_prompt_tokens.observe(len(request.prompt))
         self.metrics.request_generation_tokens.observe(request.generated)
-        self.slots[index] = None
 
     def update_gauges(self) -> None:
         in_use = sum(slot is not None for slot in self.slots)
