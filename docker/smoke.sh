@@ -178,12 +178,13 @@ config = image.get("Config", {})
 env = config.get("Env") or []
 for key in ("User", "ExposedPorts", "StopSignal", "Entrypoint", "Cmd"):
     print(f"{key}: {config.get(key)}")
-print("Healthcheck:", image.get("HealthCheck") or config.get("Healthcheck"))
+healthcheck = image.get("Healthcheck") or image.get("HealthCheck") or config.get("Healthcheck")
+print("Healthcheck:", healthcheck)
 print("Env:", *[e for e in env if e.startswith(("WINDOWLM_", "PATH="))], sep="\n  ")
 assert not any(e.startswith("PIP_CERT=") for e in env), "PIP_CERT is baked into the image"
 assert config.get("User") not in (None, "", "0", "root", "0:0"), "the image runs as root"
 assert "8000/tcp" in (config.get("ExposedPorts") or {}), "port 8000 is not exposed"
-assert image.get("HealthCheck") or config.get("Healthcheck"), "the HEALTHCHECK was lost (build with --format docker)"
+assert healthcheck, "the HEALTHCHECK was lost (build with --format docker)"
 ' || die "the image's configuration is wrong"
 # shellcheck disable=SC2016 # the variable is expanded by the container's shell, not here
 run "${podman[@]}" run --rm --pull=never --network none "${ulimits[@]}" --entrypoint /bin/sh "$image" \

@@ -20,10 +20,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
 from model.sampling import SamplingParams
@@ -68,9 +68,9 @@ def start_server(weights: Path, port: int, max_batch_size: int) -> subprocess.Po
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1):
                 return process
-        except httpx.HTTPError:
+        except OSError:  # not listening yet, or 503 while the weights load
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("the server did not become ready")

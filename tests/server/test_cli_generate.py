@@ -58,3 +58,18 @@ def test_generate_refuses_bad_arguments_clearly(checkpoint: Path) -> None:
     assert missing.returncode != 0 and "not a checkpoint folder" in missing.stderr
     bad = windowlm("generate", "hi", "--weights", str(checkpoint), "--top-p", "0")
     assert bad.returncode == 2 and "top_p" in bad.stderr
+
+
+RUNTIME_ONLY = """
+import sys
+for name in ("httpx", "openai", "local_attention", "hyper_connections", "hypothesis", "pytest", "transformers",
+             "matplotlib"):
+    sys.modules[name] = None  # importing a dev or bench package now fails, as in the deployed image
+import server.cli, server.app, server.serve
+server.cli.build_parser().parse_args(["serve", "--help"])
+"""
+
+
+def test_the_command_line_needs_only_runtime_dependencies() -> None:
+    result = subprocess.run([sys.executable, "-c", RUNTIME_ONLY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: windowlm serve" in result.stdout, result.stderr
