@@ -77,6 +77,12 @@ def engine_requests(
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens", param="prompt"
             )
+    if len(prompts) * body.n > engine.max_batch_size + engine.max_queue:
+        raise InvalidRequest(
+            f"{len(prompts)} prompts x n={body.n} sequences can never fit this server's "
+            f"{engine.max_batch_size} slots and {engine.max_queue} queue places",
+            param="n",
+        )
     events: asyncio.Queue = asyncio.Queue()
     requests = []
     for prompt_index, ids in enumerate(prompts):

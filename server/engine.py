@@ -132,7 +132,7 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive() and self.failure is None
+        return self.running and self.failure is None and self.thread.is_alive()
 
     @property
     def busy(self) -> bool:
@@ -151,8 +151,9 @@ class Engine:
         self.run()
 
     def stop(self) -> None:
-        """Ask the loop to end after the current step (from any thread)."""
+        """Ask the loop to end after the current step (from any thread); new requests are refused at once."""
         with self.wakeup:
+            self.accepting = False
             self.running = False
             self.wakeup.notify()
 
@@ -199,10 +200,12 @@ class Engine:
         except BaseException as error:  # the loop is dead: say so to /health and to every request
             logger.exception("engine loop failed")
             self.failure = error
-            for request in list(self.waiting) + [slot.request for slot in self.slots if slot is not None]:
-                request.emit(FinishEvent("error", f"engine failure: {error}"))
         finally:
             self.running = False
+            message = "the engine stopped" if self.failure is None else f"engine failure: {self.failure}"
+            for request in list(self.waiting) + [slot.request for slot in self.slots if slot is not None]:
+                if not request.finished:
+                    request.emit(FinishEvent("error", message))
 
     def step(self) -> None:
         self.release_finished()
@@ -223,14 +226,11 @@ class Engine:
             self.slots[index] = None if request.finished else slot
 
     def admit(self) -> None:
-        with self.wakeup:
-            for index in range(self.max_batch_size):
-                if self.slots[index] is not None:
-                    continue
-                request = self.next_waiting()
-                if request is None:
-                    break
-                self.slots[index] = self.start_request(index, request)
+        free = [index for index, slot in enumerate(self.slots) if slot is None]
+        with self.wakeup:  # only the queue under the lock: the event loop's submit waits for it
+            admitted = [(index, request) for index in free if (request := self.next_waiting()) is not None]
+        for index, request in admitted:
+            self.slots[index] = self.start_request(index, request)
 
     def next_waiting(self) -> EngineRequest | None:
         while self.waiting:
@@ -289,6 +289,7 @@ class Engine:
         """Sample one token for each of the slots `indices` from logits (B, V) and hand it over."""
         slots = [self.slots[i] for i in indices]
         result = sample_batch(logits, [slot.sampler for slot in slots])
+        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()  # one device sync for the batch
         now = time.perf_counter()
         limit = self.context_limit
         for row, (index, slot) in enumerate(zip(indices, slots, strict=True)):
@@ -296,8 +297,8 @@ class Engine:
             if result.errors[row] is not None:
                 self.finish(index, "error", f"sampling failed: {result.errors[row]}")
                 continue
-            token = int(result.tokens[row])
-            request.emit(TokenEvent(token, float(result.logprobs[row]), result.top_logprobs[row]))
+            token = tokens[row]
+            request.emit(TokenEvent(token, logprobs[row], result.top_logprobs[row]))
             if request.first_token_at is None:
                 request.first_token_at = now
                 self.metrics.time_to_first_token.observe(now - request.arrived_at)
@@ -307,7 +308,7 @@ class Engine:
             request.generated += 1
             self.metrics.generation_tokens_total.inc()
             slot.next_token = token
-            position = self.decoder.position(index)
+            position = len(request.prompt) + request.generated - 1  # where the new token would be fed
             if request.generated >= request.max_tokens or (limit is not None and position >= limit):
                 self.finish(index, "length")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -29,17 +30,22 @@ class EventStreamResponse(StreamingResponse):
     cancelled at its next await, even while it waits for tokens (a queued request, a slow step).
     """
 
-    def __init__(self, content, **kwargs) -> None:
+    def __init__(self, content, on_close: Callable[[], None] | None = None, **kwargs) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def body() -> None:
-                with contextlib.suppress(OSError):  # the client went away while we were writing
-                    await self.stream_response(send)
+                async def body() -> None:
+                    with contextlib.suppress(OSError):  # the client went away while we were writing
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(body)
+                await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
-
-            group.start_soon(body)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+        finally:
+            if self.on_close is not None:  # also when the body never started: a generator not yet entered
+                self.on_close()  # runs no `finally` of its own

@@ -55,7 +55,7 @@ async def create_completion(
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = reply.stream(requests, choices, state.settings.ping_interval, include_usage)
-        return EventStreamResponse(events)
+        return EventStreamResponse(events, on_close=lambda: cancel_all(requests))
     return await reply.complete(requests, choices, request)
 
 
@@ -82,9 +82,9 @@ class CompletionReply:
     async def stream(
         self, requests: list[EngineRequest], choices: list[ChoiceText], idle_seconds: float, include_usage: bool
     ) -> AsyncIterator[str]:
-        if any(self.echo):
-            yield self.chunk([delta_dict(ChoiceDelta(c.index, self.echo[i])) for i, c in enumerate(choices)])
         try:
+            if any(self.echo):
+                yield self.chunk([delta_dict(ChoiceDelta(c.index, self.echo[i])) for i, c in enumerate(choices)])
             async for deltas in run_choices(requests, choices, idle_seconds):
                 if deltas is None:
                     yield PING
@@ -138,6 +138,12 @@ class CompletionReply:
             ],
             usage=self.usage(choices),
         )
+
+
+def cancel_all(requests: list[EngineRequest]) -> None:
+    """Free the slots of whatever is still running (finished requests ignore this)."""
+    for request in requests:
+        request.cancel()
 
 
 def delta_dict(delta: ChoiceDelta) -> dict:

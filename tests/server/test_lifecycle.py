@@ -114,6 +114,19 @@ def test_a_stream_waiting_for_a_slot_gets_pings(tiny: ServerProcess) -> None:
     assert tiny.wait_metric("windowlm_kv_slots_used", 0) == 0
 
 
+def test_a_request_that_can_never_fit_gets_400_not_429(tiny: ServerProcess) -> None:
+    body = {"model": TEST_MODEL, "prompt": ["a", "b"], "n": 2, "max_tokens": 2}  # 4 sequences; room for 2
+    response = httpx.post(f"{tiny.url}/v1/completions", json=body, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+
+def test_an_echo_stream_left_at_its_first_chunk_frees_its_slot(tiny: ServerProcess) -> None:
+    stream = Stream(tiny, {**ENDLESS, "echo": True}, AUTH)
+    next(stream.lines)
+    stream.close()
+    assert tiny.wait_metric("windowlm_kv_slots_used", 0, timeout=3) == 0
+
+
 def test_non_streaming_request_is_aborted_when_its_client_leaves(tiny: ServerProcess) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{tiny.url}/v1/completions", json={**ENDLESS, "stream": False}, headers=AUTH, timeout=0.5)
