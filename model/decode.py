@@ -23,23 +23,7 @@ from torch import Tensor
 
 from model.attention import SELF_ATTENTION_LOGIT
 from model.cache import SlidingKVCache, Slots, WriteTarget, cache_capacity
-from model.positions import rotate_half
-
-
-@dataclass
-class Rotation:
-    """Rotary cos and sin (B, 1, P, dh) and the xpos scale (B, 1, P, dh) or None, of P positions."""
-
-    cos: Tensor
-    sin: Tensor
-    scale: Tensor | None
-
-    def apply(self, x: Tensor) -> Tensor:
-        """Rotate x (B, h, P, dh), in float32 like the reference, back to x's dtype."""
-        x32 = x.float()
-        if self.scale is None:
-            return (x32 * self.cos + rotate_half(x32) * self.sin).to(x.dtype)
-        return (x32 * self.cos * self.scale + rotate_half(x32) * self.sin * self.scale).to(x.dtype)
+from model.positions import Rotation
 
 
 @dataclass
@@ -83,21 +67,11 @@ class StepPlanner:
             with torch.no_grad():
                 self.bias_table = model.dynamic_pos_bias.distance_table(2 * self.window_size)
 
-    def rotation(self, relative: Tensor, inverse_scale: bool) -> Rotation:
-        """Rotation of frame positions relative (B, P): cos, sin and xpos scale, each (B, 1, P, dh)."""
-        rotary = self.rotary
-        angles = rotary.angles(relative)[:, None]  # (B, 1, P, dh)
-        scale = None
-        if rotary.use_xpos:
-            scale = rotary.xpos_scale(relative, self.frame_len)[:, None]  # (B, 1, P, dh)
-            scale = scale**-1 if inverse_scale else scale
-        return Rotation(angles.cos(), angles.sin(), scale)
-
-    def plan(self, cache: SlidingKVCache, slots: Slots, length: int) -> StepPlan:
+    def plan(self, cache: SlidingKVCache, slots: Slots, query_positions: Tensor) -> StepPlan:
+        """The plan of feeding new tokens at positions (B, L) (first..first+L-1 of each slot) to `slots`."""
         window, look_backward = self.window_size, self.look_backward
-        first = cache.lengths[slots]  # (B,)
-        offsets = torch.arange(length, device=first.device)  # (L,)
-        query_positions = first[:, None] + offsets  # (B, L)
+        length = query_positions.shape[1]
+        first = query_positions[:, 0]  # (B,)
         write_first = length == 1
         if write_first:
             key_positions = cache.ring_positions(first)  # (B, C)
@@ -114,8 +88,9 @@ class StepPlanner:
         query_rotation = key_rotation = None
         if self.rotary is not None:
             frame_start = ((first // window - look_backward) * window)[:, None]  # (B, 1)
-            query_rotation = self.rotation(query_positions - frame_start, inverse_scale=False)
-            key_rotation = self.rotation(key_positions - frame_start, inverse_scale=True)
+            # positions (B, 1, P): the rotations come out (B, 1, P, dh), ready for (B, heads, P, dh)
+            query_rotation = self.rotary.rotation((query_positions - frame_start)[:, None], self.frame_len, False)
+            key_rotation = self.rotary.rotation((key_positions - frame_start)[:, None], self.frame_len, True)
 
         dtype = cache.keys.dtype
         if self.bias_table is None:

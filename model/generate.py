@@ -76,12 +76,11 @@ class Decoder:
         """
         model, cache = self.model, self.cache
         length = tokens.shape[1]
-        first = cache.lengths[slots]  # (B,)
-        positions = first[:, None] + torch.arange(length, device=tokens.device)  # (B, L)
+        positions = cache.lengths[slots][:, None] + torch.arange(length, device=tokens.device)  # (B, L)
+        plan = self.planner.plan(cache, slots, positions)
         if advance is not None:
             positions = positions * advance[:, None]  # riders embed at position 0: always in range
         x = model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
-        plan = self.planner.plan(cache, slots, length)
         steps = [CachedStep(cache, layer, plan) for layer in range(len(model.layers))]
         hidden = model.run_layers(x, cached_steps=steps)
         cache.lengths[slots] += length if advance is None else advance * length

@@ -7,6 +7,8 @@ Because the numbers never exceed F, the float32 angles are as precise at token 1
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -19,6 +21,22 @@ def rotate_half(x: Tensor) -> Tensor:
     """Rotate the two halves of the last dimension: (a, b) -> (-b, a)."""
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
+
+
+@dataclass
+class Rotation:
+    """Rotary cos and sin of some positions, and their xpos scale (or None), each (..., P, dim)."""
+
+    cos: Tensor
+    sin: Tensor
+    scale: Tensor | None
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Rotate x (..., P, dim), in float32 as the reference does, back to x's dtype."""
+        x32 = x.float()
+        if self.scale is None:
+            return (x32 * self.cos + rotate_half(x32) * self.sin).to(x.dtype)
+        return (x32 * self.cos * self.scale + rotate_half(x32) * self.sin * self.scale).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -51,15 +69,18 @@ class RotaryEmbedding(nn.Module):
         scale = self.xpos_base ** power[..., None]  # (..., dim/2)
         return torch.cat((scale, scale), dim=-1)
 
+    def rotation(self, positions: Tensor, frame_len: int, inverse_scale: bool) -> Rotation:
+        """The rotation of frame positions (...): queries take the xpos scale, keys its inverse."""
+        angles = self.angles(positions)  # (..., dim)
+        scale = None
+        if self.use_xpos:
+            scale = self.xpos_scale(positions, frame_len)  # (..., dim)
+            scale = scale**-1 if inverse_scale else scale
+        return Rotation(angles.cos(), angles.sin(), scale)
+
     def rotate(self, x: Tensor, positions: Tensor, frame_len: int, inverse_scale: bool) -> Tensor:
-        """Rotate x (..., P, dim) at frame positions (P,). Queries take the xpos scale, keys its inverse."""
-        angles = self.angles(positions)  # (P, dim)
-        x32 = x.float()
-        if not self.use_xpos:
-            return (x32 * angles.cos() + rotate_half(x32) * angles.sin()).to(x.dtype)
-        scale = self.xpos_scale(positions, frame_len)  # (P, dim)
-        scale = scale**-1 if inverse_scale else scale
-        return (x32 * angles.cos() * scale + rotate_half(x32) * angles.sin() * scale).to(x.dtype)
+        """Rotate x (..., P, dim) at frame positions (P,)."""
+        return self.rotation(positions, frame_len, inverse_scale).apply(x)
 
     def rotate_queries_and_keys(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Rotate bucketed queries (..., W, d) and look-around keys (..., F, d) by their frame positions.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 import torch
 
+from server.bench_serve import free_port
 from weights.io import ModelConfig, save_checkpoint
 
 TEST_MODEL = "tiny"
@@ -30,12 +30,6 @@ def make_checkpoint(folder: Path, **overrides) -> Path:
     with torch.no_grad():
         model.to_logits[1].weight.mul_(30)
     return save_checkpoint(model, folder, config=config)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
