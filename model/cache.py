@@ -58,6 +58,7 @@ class SlidingKVCache:
     ) -> None:
         shape = (num_layers, num_slots, heads, capacity, dim_head)
         self.capacity = capacity
+        self.ring_index = torch.arange(capacity, device=device)  # (C,)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
@@ -82,37 +83,61 @@ class SlidingKVCache:
 
         Entries that no position has reached yet come out negative.
         """
-        index = torch.arange(self.capacity, device=last_positions.device)  # (C,)
         last = last_positions[:, None]  # (B, 1)
-        return last - (last - index) % self.capacity  # (B, C)
+        return last - (last - self.ring_index) % self.capacity  # (B, C)
 
-    def read(self, layer: int, slots: Slots) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, heads, capacity, dim_head) of one layer for the given slots."""
-        return self.keys[layer, slots], self.values[layer, slots]
-
-    def write_target(self, slots: Slots, first_position: Tensor, length: int) -> WriteTarget:
-        """Where a step's keys of positions first..first+L-1 go: the same for every layer, so made once.
+    def step_rings(self, slots: Slots, first_position: Tensor, length: int) -> StepRings:
+        """Where a step over `slots` reads and writes keys of positions first..first+L-1 (B,): made once per
+        step, the same for every layer.
 
         Only the newest `capacity` positions are kept, so no two writes land on one ring index.
         """
         kept = min(length, self.capacity)
-        offsets = torch.arange(length - kept, length, device=first_position.device)  # (kept,)
-        index = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
+        if kept == 1:
+            index = ((first_position + length - 1) % self.capacity)[:, None]  # (B, 1)
+        else:
+            offsets = torch.arange(length - kept, length, device=first_position.device)  # (kept,)
+            index = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
         if isinstance(slots, slice):
-            slots = torch.arange(self.num_slots, device=first_position.device)[slots]
-        return WriteTarget(rows=slots[:, None].expand_as(index), index=index, skip=length - kept)
-
-    def write(self, layer: int, target: WriteTarget, keys: Tensor, values: Tensor) -> None:
-        """Store one layer's keys and values (B, heads, L, dim_head) at `target`."""
-        # advanced indexing puts the (B, kept) index dims first: (B, kept, heads, dim_head)
-        self.keys[layer, target.rows, :, target.index] = keys[:, :, target.skip :].transpose(1, 2)
-        self.values[layer, target.rows, :, target.index] = values[:, :, target.skip :].transpose(1, 2)
+            keys, values = self.keys[:, slots], self.values[:, slots]  # views (layers, B, heads, C, dim_head)
+            _, _, heads, _, dim_head = keys.shape
+            spread = index[:, None, :, None].expand(-1, heads, -1, dim_head)  # (B, heads, kept, dim_head)
+            return StepRings(self, keys, values, slots=None, rows=None, index=spread, skip=length - kept)
+        rows = slots[:, None].expand_as(index)  # (B, kept)
+        return StepRings(self, keys=None, values=None, slots=slots, rows=rows, index=index, skip=length - kept)
 
 
 @dataclass
-class WriteTarget:
-    """Ring entries one step writes: slot rows and ring indices (B, kept), after skipping `skip` new positions."""
+class StepRings:
+    """The ring entries of one step's slots, and where the step's new keys go (after skipping `skip`).
 
-    rows: Tensor
+    A slice of slots is read as views of the buffers (`keys`, `values`: (layers, B, heads, C, dim_head)) and
+    written in place by scatter along the ring with `index` (B, heads, kept, dim_head). Slot indices `slots`
+    (B,) are read by gathering and written by advanced indexing at `rows` and `index` (B, kept).
+    """
+
+    cache: SlidingKVCache
+    keys: Tensor | None
+    values: Tensor | None
+    slots: Tensor | None
+    rows: Tensor | None
     index: Tensor
     skip: int
+
+    def read(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, heads, capacity, dim_head) of one layer."""
+        if self.keys is not None:
+            return self.keys[layer], self.values[layer]
+        return self.cache.keys[layer, self.slots], self.cache.values[layer, self.slots]
+
+    def write(self, layer: int, keys: Tensor, values: Tensor) -> None:
+        """Store one layer's new keys and values (B, heads, L, dim_head)."""
+        if self.skip:
+            keys, values = keys[:, :, self.skip :], values[:, :, self.skip :]  # (B, heads, kept, dim_head)
+        if self.keys is not None:
+            self.keys[layer].scatter_(2, self.index, keys)
+            self.values[layer].scatter_(2, self.index, values)
+            return
+        # advanced indexing puts the (B, kept) index dims first: (B, kept, heads, dim_head)
+        self.cache.keys[layer, self.rows, :, self.index] = keys.transpose(1, 2)
+        self.cache.values[layer, self.rows, :, self.index] = values.transpose(1, 2)

@@ -22,16 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.attention import SELF_ATTENTION_LOGIT
-from model.cache import SlidingKVCache, Slots, WriteTarget, cache_capacity
-from model.positions import Rotation
+from model.blocks import AttentionWeights, FeedForwardWeights, attention_inputs, attention_output, feed_forward
+from model.cache import SlidingKVCache, Slots, StepRings, cache_capacity
+from model.positions import Rotation, l2norm
+from model.residual import StreamMixing, add_branch_output, branch_input
 
 
 @dataclass
 class StepPlan:
     """Position-derived tensors for one cached step, shared by all layers."""
 
-    slots: Slots  # (B,) long, or every slot
-    write_target: WriteTarget  # where every layer stores the step's keys and values
+    rings: StepRings  # where every layer reads the slots' keys and values and stores the step's
     write_first: bool  # decode layout (L == 1)
     score_bias: Tensor  # (B, 1 or heads, L, K): the position bias, and a huge negative for keys not to see
     self_key: Tensor | None  # (B, 1, L, K) bool: a query's own key (shared_qk only)
@@ -42,7 +43,7 @@ class StepPlan:
 class StepPlanner:
     """Builds StepPlans for one causal model; holds its position encodings' constants."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         attention_layers = model.attention_layers
         first = attention_layers[0].attn_fn
         if not model.causal or first.look_forward:
@@ -62,32 +63,24 @@ class StepPlanner:
                 if not torch.equal(layer.attn_fn.rel_pos.inv_freq, self.rotary.inv_freq):
                     raise ValueError("layers with different rotary frequencies cannot share a position plan")
 
-        self.bias_table = None  # (distance, heads)
+        self.bias_table = None  # (distance, heads), in the dtype of the cache
         if model.dynamic_pos_bias is not None:
             with torch.no_grad():
-                self.bias_table = model.dynamic_pos_bias.distance_table(2 * self.window_size)
+                self.bias_table = model.dynamic_pos_bias.distance_table(2 * self.window_size).to(dtype)
 
     def plan(self, cache: SlidingKVCache, slots: Slots, query_positions: Tensor) -> StepPlan:
         """The plan of feeding new tokens at positions (B, L) (first..first+L-1 of each slot) to `slots`."""
-        window, look_backward = self.window_size, self.look_backward
         length = query_positions.shape[1]
         first = query_positions[:, 0]  # (B,)
-        write_first = length == 1
-        if write_first:
-            key_positions = cache.ring_positions(first)  # (B, C)
+        start = cache.starts[slots]  # (B,)
+        if length == 1:
+            key_positions, distance, blocked = self.decode_visibility(cache, first, start)
         else:
-            key_positions = torch.cat((cache.ring_positions(first - 1), query_positions), dim=1)  # (B, C + L)
-
-        q = query_positions[:, :, None]  # (B, L, 1)
-        k = key_positions[:, None, :]  # (B, 1, K)
-        lowest = q - window * look_backward if self.exact_windowsize else (q // window - look_backward) * window
-        start = cache.starts[slots][:, None, None]  # (B, 1, 1)
-        blocked = (k < start) | (k > q) | (k < lowest)  # (B, L, K)
-        self_key = (k == q)[:, None] if self.shared_qk else None
+            key_positions, distance, blocked = self.prefill_visibility(cache, query_positions, start)
 
         query_rotation = key_rotation = None
         if self.rotary is not None:
-            frame_start = ((first // window - look_backward) * window)[:, None]  # (B, 1)
+            frame_start = ((first // self.window_size - self.look_backward) * self.window_size)[:, None]  # (B, 1)
             # positions (B, 1, P): the rotations come out (B, 1, P, dh), ready for (B, heads, P, dh)
             query_rotation = self.rotary.rotation((query_positions - frame_start)[:, None], self.frame_len, False)
             key_rotation = self.rotary.rotation((key_positions - frame_start)[:, None], self.frame_len, True)
@@ -96,20 +89,50 @@ class StepPlanner:
         if self.bias_table is None:
             score_bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)[:, None]  # (B, 1, L, K)
         else:
-            distance = (q - k).clamp(0, self.bias_table.shape[0] - 1)  # (B, L, K)
-            score_bias = self.bias_table.to(dtype)[distance].permute(0, 3, 1, 2)  # (B, heads, L, K)
+            if length > 1:  # keys after a query (blocked anyway) have negative distances
+                distance = distance.clamp(0, self.bias_table.shape[0] - 1)  # (B, L, K)
+            score_bias = self.bias_table[distance].permute(0, 3, 1, 2)  # (B, heads, L, K)
         # half the most negative number: far below any score, and no overflow to -inf when a bias is added
-        score_bias = score_bias.masked_fill(blocked[:, None], torch.finfo(dtype).min / 2)
+        score_bias = score_bias.masked_fill(blocked[:, None], torch.finfo(dtype).min / 2).contiguous()
 
         return StepPlan(
-            slots=slots,
-            write_target=cache.write_target(slots, first, length),
-            write_first=write_first,
+            rings=cache.step_rings(slots, first, length),
+            write_first=length == 1,
             score_bias=score_bias,
-            self_key=self_key,
+            self_key=(distance == 0)[:, None] if self.shared_qk else None,
             query_rotation=query_rotation,
             key_rotation=key_rotation,
         )
+
+    def decode_visibility(self, cache: SlidingKVCache, position: Tensor, start: Tensor) -> tuple[Tensor, ...]:
+        """One query per slot at position t (B,) against the ring after t is written.
+
+        Returns key positions (B, C) (rotary models only), distances t - key (B, 1, C) and which keys are
+        blocked (B, 1, C). The ring holds t and the C - 1 positions before it, all causal and none older than
+        an exact window; what can be blocked is a key before the text's start or, with bucketed windows, one
+        before the frame.
+        """
+        position = position[:, None]  # (B, 1)
+        distance = (position - cache.ring_index) % cache.capacity  # (B, C)
+        farthest = position - start[:, None]  # (B, 1)
+        if not self.exact_windowsize:
+            farthest = torch.minimum(farthest, position % self.window_size + self.look_backward * self.window_size)
+        key_positions = position - distance if self.rotary is not None else None
+        return key_positions, distance[:, None], (distance > farthest)[:, None]
+
+    def prefill_visibility(self, cache: SlidingKVCache, query_positions: Tensor, start: Tensor) -> tuple[Tensor, ...]:
+        """Queries at positions (B, L) against the ring before they are written followed by their own keys.
+
+        Returns key positions (B, K), distances query - key (B, L, K) and which keys are blocked (B, L, K).
+        """
+        window, look_backward = self.window_size, self.look_backward
+        ring = cache.ring_positions(query_positions[:, 0] - 1)  # (B, C)
+        key_positions = torch.cat((ring, query_positions), dim=1)  # (B, C + L)
+        q = query_positions[:, :, None]  # (B, L, 1)
+        k = key_positions[:, None, :]  # (B, 1, K)
+        lowest = q - window * look_backward if self.exact_windowsize else (q // window - look_backward) * window
+        blocked = (k < start[:, None, None]) | (k > q) | (k < lowest)  # (B, L, K)
+        return key_positions, q - k, blocked
 
 
 def attend(q: Tensor, keys: Tensor, values: Tensor, plan: StepPlan, scale: float) -> Tensor:
@@ -125,23 +148,65 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, plan: StepPlan, scale: float
     return sim.softmax(dim=-1) @ values
 
 
-@dataclass
-class CachedStep:
-    """What one attention layer needs to run a cached step."""
+@dataclass(frozen=True, slots=True)
+class CachedLayer:
+    """One layer's weights for the cached step: attention and feed-forward, each with its residual mixing."""
 
-    cache: SlidingKVCache
-    layer: int
-    plan: StepPlan
+    attention: AttentionWeights
+    attention_mixing: StreamMixing | None
+    scale: float  # of the attention logits
+    shared_qk: bool
+    feed_forward: FeedForwardWeights
+    feed_forward_mixing: StreamMixing | None
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        """New q, k, v (B, h, L, dh) of this layer -> attention output (B, h, L, dh); stores k and v."""
-        plan, cache = self.plan, self.cache
-        if plan.write_first:
-            cache.write(self.layer, plan.write_target, k, v)
-            keys, values = cache.read(self.layer, plan.slots)  # (B, h, C, dh)
-        else:
-            ring_keys, ring_values = cache.read(self.layer, plan.slots)
-            keys = torch.cat((ring_keys, k), dim=2)  # (B, h, C + L, dh)
-            values = torch.cat((ring_values, v), dim=2)
-            cache.write(self.layer, plan.write_target, k, v)
-        return attend(q, keys, values, plan, scale)
+
+class CachedLayers:
+    """A LocalTransformer's layers run over the sliding KV cache, calling no module (see model.blocks).
+
+    The records hold the model's own parameter tensors (no copies): build this after the weights are loaded.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.streams = model.streams
+        self.layers = []
+        for attention, feed_forward_layer in model.layers:
+            attend_fn = attention.branch.attn_fn
+            self.layers.append(
+                CachedLayer(
+                    attention=attention.branch.weights(),
+                    attention_mixing=attention.mixing(),
+                    scale=attention.branch.dim_head**-0.5 if attend_fn.scale is None else attend_fn.scale,
+                    shared_qk=attend_fn.shared_qk,
+                    feed_forward=feed_forward_layer.branch.weights(),
+                    feed_forward_mixing=feed_forward_layer.mixing(),
+                )
+            )
+
+    def run(self, x: Tensor, plan: StepPlan) -> Tensor:
+        """Embeddings of the step's new tokens (B, L, dim) -> hidden states (B, L, dim); stores their keys."""
+        x = self.streams.expand(x)
+        for index, layer in enumerate(self.layers):
+            branch_in, residuals, beta = branch_input(layer.attention_mixing, x)
+            normed, q, k, v = attention_inputs(layer.attention, branch_in)
+            if layer.shared_qk:
+                k = l2norm(k)
+            attended = cached_attention(index, plan, q, k, v, layer.scale)
+            x = add_branch_output(residuals, beta, attention_output(layer.attention, normed, attended))
+
+            branch_in, residuals, beta = branch_input(layer.feed_forward_mixing, x)
+            x = add_branch_output(residuals, beta, feed_forward(layer.feed_forward, branch_in))
+        return self.streams.reduce(x)
+
+
+def cached_attention(layer: int, plan: StepPlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """New q, k, v (B, h, L, dh) of one layer -> attention output (B, h, L, dh); stores k and v."""
+    rings = plan.rings
+    if plan.write_first:
+        rings.write(layer, k, v)
+        keys, values = rings.read(layer)  # (B, h, C, dh)
+    else:
+        ring_keys, ring_values = rings.read(layer)
+        keys = torch.cat((ring_keys, k), dim=2)  # (B, h, C + L, dh)
+        values = torch.cat((ring_values, v), dim=2)
+        rings.write(layer, k, v)
+    return attend(q, keys, values, plan, scale)

@@ -7,16 +7,34 @@ when a request starts or stops) belongs to its caller.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
 from model.cache import ALL_SLOTS, SlidingKVCache, Slots
-from model.decode import CachedStep, StepPlanner
+from model.decode import CachedLayers, StepPlanner
 from model.sampling import SamplingParams, SequenceSampler, sample_batch
 from model.transformer import ContextLimitError, LocalTransformer
 
 __all__ = ["ContextLimitError", "Decoder", "generate", "generate_uncached", "stream_tokens"]
+
+
+@contextmanager
+def native_kernels() -> Iterator[None]:
+    """Run with oneDNN off: PyTorch's own CPU kernels for elementwise ops such as GELU.
+
+    On the few hundred values of a decode step oneDNN's GELU spends several microseconds setting up per call,
+    and it rounds differently in the last bit from the native kernel that the full forward's GELU (on
+    non-contiguous halves) uses. Matrix products go to BLAS either way.
+    """
+    mkldnn = torch.backends.mkldnn
+    was_enabled = mkldnn.enabled
+    mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        mkldnn.enabled = was_enabled
 
 
 class Decoder:
@@ -34,8 +52,10 @@ class Decoder:
         if not model.has_embed_unembed:
             raise ValueError("generation needs a model with a token embedding (num_tokens)")
         parameter = next(model.parameters())
+        dtype = parameter.dtype if dtype is None else dtype
         self.model = model
-        self.planner = StepPlanner(model)
+        self.planner = StepPlanner(model, dtype)
+        self.layers = CachedLayers(model)
         self.window_size = self.planner.window_size
         chunk = self.window_size if prefill_chunk is None else prefill_chunk
         if chunk < 1 or chunk % self.window_size:
@@ -49,7 +69,7 @@ class Decoder:
             dim_head=first_attention.dim_head,
             capacity=self.planner.capacity,
             device=parameter.device if device is None else device,
-            dtype=parameter.dtype if dtype is None else dtype,
+            dtype=dtype,
         )
 
     @property
@@ -81,10 +101,10 @@ class Decoder:
         if advance is not None:
             positions = positions * advance[:, None]  # riders embed at position 0: always in range
         x = model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
-        steps = [CachedStep(cache, layer, plan) for layer in range(len(model.layers))]
-        hidden = model.run_layers(x, cached_steps=steps)
+        with native_kernels():
+            hidden = self.layers.run(x, plan)
         cache.lengths[slots] += length if advance is None else advance * length
-        return model.to_logits(hidden)
+        return model.logits(hidden)
 
     def chunk_end(self, start: int, end: int) -> int:
         """End of the prefill chunk starting at `start`: the next multiple of the chunk size, at most `end`."""

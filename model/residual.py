@@ -16,11 +16,53 @@ Every operation is per token, so cached decoding needs no extra state.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMixing:
+    """The weights of one hyper-connection, as plain tensors (see the module docstring)."""
+
+    norm_scale: float
+    norm_gamma: Tensor  # (d,)
+    static_alpha: Tensor  # (S, 1 + S)
+    dynamic_alpha_fn: Tensor  # (d, 1 + S)
+    dynamic_alpha_scale: Tensor  # ()
+    static_beta: Tensor  # (S,)
+    dynamic_beta_fn: Tensor  # (d,)
+    dynamic_beta_scale: Tensor  # ()
+
+
+def branch_input(mixing: StreamMixing | None, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Residual state x -> (input of the branch, residuals the output is added to, beta or None).
+
+    With one stream (mixing None) that is (x, x, None); with S streams x is (..., S, d), the branch input
+    (..., d), the residuals (..., S, d) and beta (..., S).
+    """
+    if mixing is None:
+        return x, x, None
+    normed = stream_rms_norm(x, mixing.norm_scale, mixing.norm_gamma)  # (..., S, d)
+    alpha = torch.tanh(normed @ mixing.dynamic_alpha_fn) * mixing.dynamic_alpha_scale + mixing.static_alpha
+    mixed = torch.einsum("...st,...sd->...td", alpha, x)  # (..., 1 + S, d)
+    beta = torch.tanh(normed @ mixing.dynamic_beta_fn) * mixing.dynamic_beta_scale + mixing.static_beta
+    return mixed[..., 0, :], mixed[..., 1:, :], beta
+
+
+def add_branch_output(residuals: Tensor, beta: Tensor | None, branch_out: Tensor) -> Tensor:
+    """The new residual state: residuals + branch output, weighted by beta per stream when there are streams."""
+    if beta is None:
+        return residuals + branch_out
+    return residuals + beta[..., :, None] * branch_out[..., None, :]
+
+
+def stream_rms_norm(x: Tensor, scale: float, gamma: Tensor) -> Tensor:
+    """RMS normalisation with a zero-initialised gain offset: x / |x| * sqrt(d) * (1 + gamma)."""
+    return F.normalize(x, dim=-1) * scale * (gamma + 1)
 
 
 class Residual(nn.Module):
@@ -30,12 +72,15 @@ class Residual(nn.Module):
         super().__init__()
         self.branch = branch
 
+    def mixing(self) -> None:
+        return None
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         return x + self.branch(x, *args, **kwargs)
 
 
 class StreamRMSNorm(nn.Module):
-    """RMS normalisation with a zero-initialised gain offset: x / |x| * sqrt(d) * (1 + gamma)."""
+    """stream_rms_norm with a learned gamma (d,)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -43,7 +88,7 @@ class StreamRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=-1) * self.scale * (self.gamma + 1)
+        return stream_rms_norm(x, self.scale, self.gamma)
 
 
 class HyperConnection(nn.Module):
@@ -65,14 +110,22 @@ class HyperConnection(nn.Module):
         self.dynamic_beta_fn = nn.Parameter(torch.zeros(dim))
         self.dynamic_beta_scale = nn.Parameter(torch.tensor(1e-2))
 
+    def mixing(self) -> StreamMixing:
+        return StreamMixing(
+            norm_scale=self.norm.scale,
+            norm_gamma=self.norm.gamma,
+            static_alpha=self.static_alpha,
+            dynamic_alpha_fn=self.dynamic_alpha_fn,
+            dynamic_alpha_scale=self.dynamic_alpha_scale,
+            static_beta=self.static_beta,
+            dynamic_beta_fn=self.dynamic_beta_fn,
+            dynamic_beta_scale=self.dynamic_beta_scale,
+        )
+
     def forward(self, streams: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """streams (..., S, d) -> (..., S, d); extra arguments go to the branch."""
-        normed = self.norm(streams)  # (..., S, d)
-        alpha = torch.tanh(normed @ self.dynamic_alpha_fn) * self.dynamic_alpha_scale + self.static_alpha
-        mixed = torch.einsum("...st,...sd->...td", alpha, streams)  # (..., 1 + S, d)
-        beta = torch.tanh(normed @ self.dynamic_beta_fn) * self.dynamic_beta_scale + self.static_beta
-        branch_out = self.branch(mixed[..., 0, :], *args, **kwargs)  # (..., d)
-        return mixed[..., 1:, :] + beta[..., :, None] * branch_out[..., None, :]
+        branch_in, residuals, beta = branch_input(self.mixing(), streams)
+        return add_branch_output(residuals, beta, self.branch(branch_in, *args, **kwargs))
 
 
 class ResidualStreams(nn.Module):

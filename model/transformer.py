@@ -11,8 +11,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from model.attention import LocalAttention
-from model.decode import CachedStep
-from model.positions import DynamicPositionBias, l2norm
+from model.blocks import (
+    AttentionWeights,
+    FeedForwardWeights,
+    NormWeights,
+    attention_inputs,
+    attention_output,
+    feed_forward,
+    geglu,
+)
+from model.positions import DynamicPositionBias
 from model.residual import ResidualStreams
 
 
@@ -74,50 +82,29 @@ class LocalMHA(nn.Module):
         self.to_v_gate = nn.Sequential(nn.Linear(dim, heads)) if gate_values_per_head else None
         self.to_out = nn.Linear(inner_dim, dim, bias=False)
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Input (b, n, dim) -> normed input (b, n, dim) and q, k, v (b, h, n, dh)."""
-        if self.norm is not None:
-            x = self.norm(x)
-        batch, length, _ = x.shape
-        qkv = self.to_qkv(x).view(batch, length, 3, self.heads, self.dim_head)  # (b, n, 3, h, dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, h, n, dh); plain views: this runs every token
-        if self.qk_rmsnorm:
-            q = l2norm(q) * self.q_scale
-            k = l2norm(k) * self.k_scale
-        return x, q, k, v
+    def weights(self) -> AttentionWeights:
+        gate = None if self.to_v_gate is None else (self.to_v_gate[0].weight, self.to_v_gate[0].bias)
+        return AttentionWeights(
+            heads=self.heads,
+            dim_head=self.dim_head,
+            norm=None if self.norm is None else NormWeights.of(self.norm),
+            to_qkv=self.to_qkv.weight,
+            q_scale=self.q_scale if self.qk_rmsnorm else None,
+            k_scale=self.k_scale if self.qk_rmsnorm else None,
+            value_gate=gate,
+            to_out=self.to_out.weight,
+        )
 
-    def output(self, x: Tensor, attended: Tensor) -> Tensor:
-        """Normed input (b, n, dim) and attention output (b, h, n, dh) -> (b, n, dim)."""
-        if self.to_v_gate is not None:
-            gates = rearrange(self.to_v_gate(x), "b n h -> b h n 1")
-            attended = attended * gates.sigmoid()
-        batch, _, length, _ = attended.shape
-        return self.to_out(attended.transpose(1, 2).reshape(batch, length, -1))  # (b, n, h * dh)
-
-    def forward(
-        self,
-        x: Tensor,
-        mask: Tensor | None = None,
-        attn_bias: Tensor | None = None,
-        cached: CachedStep | None = None,
-    ) -> Tensor:
-        """x (b, n, dim), mask (b, n) of positions to keep, attn_bias (h, W, frame) -> (b, n, dim).
-
-        With `cached`, x holds the new tokens of a cached step and attends to the sliding KV cache instead.
-        """
-        x, q, k, v = self.project(x)
-        if cached is None:
-            return self.output(x, self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias))
-        if self.attn_fn.shared_qk:
-            k = l2norm(k)
-        scale = self.dim_head**-0.5 if self.attn_fn.scale is None else self.attn_fn.scale
-        return self.output(x, cached.attend(q, k, v, scale))
+    def forward(self, x: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
+        """x (b, n, dim), mask (b, n) of positions to keep, attn_bias (h, W, frame) -> (b, n, dim)."""
+        weights = self.weights()
+        x, q, k, v = attention_inputs(weights, x)
+        return attention_output(weights, x, self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias))
 
 
 class GEGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        x, gate = x.chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return geglu(x)
 
 
 class FeedForward(nn.Sequential):
@@ -132,6 +119,14 @@ class FeedForward(nn.Sequential):
             nn.Dropout(dropout),
             nn.Linear(inner_dim, dim, bias=False),
         )
+
+    def weights(self) -> FeedForwardWeights:
+        norm, project_in, _, dropout, project_out = self
+        return FeedForwardWeights(NormWeights.of(norm), project_in.weight, project_out.weight, dropout.p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (b, n, dim) -> (b, n, dim)."""
+        return feed_forward(self.weights(), x, self.training)
 
 
 class LocalTransformer(nn.Module):
@@ -241,7 +236,7 @@ class LocalTransformer(nn.Module):
 
     def embed(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """Token ids (b, n) at absolute positions (n,) -> embeddings (b, n, dim)."""
-        x = self.token_emb(tokens)
+        x = F.embedding(tokens, self.token_emb.weight)
         if self.use_abs_pos_emb:
             if positions is None:
                 positions = torch.arange(tokens.shape[-1], device=tokens.device)
@@ -250,7 +245,7 @@ class LocalTransformer(nn.Module):
                     f"position {int(positions.max())} is past max_seq_len {self.max_seq_len}: this model has "
                     "a learned absolute position embedding and no context beyond it"
                 )
-            x = x + self.pos_emb(positions)
+            x = x + F.embedding(positions, self.pos_emb.weight)
         return x
 
     def run_layers(
@@ -258,18 +253,14 @@ class LocalTransformer(nn.Module):
         x: Tensor,
         mask: Tensor | None = None,
         attn_bias: Tensor | None = None,
-        cached_steps: list[CachedStep] | None = None,
     ) -> Tensor:
         """Embeddings (b, n, dim) through every layer -> hidden states (b, n, dim), before the final norm."""
         x = self.streams.expand(x)
-        for index, ((attention, feed_forward), global_layer) in enumerate(
-            zip(self.layers, self.global_layers, strict=True)
-        ):
+        for (attention, feed_forward_layer), global_layer in zip(self.layers, self.global_layers, strict=True):
             if global_layer is not None:
                 x = global_layer(x)
-            cached = None if cached_steps is None else cached_steps[index]
-            x = attention(x, mask=mask, attn_bias=attn_bias, cached=cached)
-            x = feed_forward(x)
+            x = attention(x, mask=mask, attn_bias=attn_bias)
+            x = feed_forward_layer(x)
         return self.streams.reduce(x)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_loss: bool = False) -> Tensor:
@@ -285,10 +276,15 @@ class LocalTransformer(nn.Module):
         x = self.run_layers(x, mask=mask, attn_bias=self.position_bias())
         if not self.has_embed_unembed:
             return x
-        logits = self.to_logits(x)
+        logits = self.logits(x)
         if not return_loss:
             return logits
         return F.cross_entropy(rearrange(logits, "b n c -> b c n"), labels, ignore_index=self.ignore_index)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final hidden states (b, n, dim) -> logits (b, n, num_tokens)."""
+        norm, unembed = self.to_logits
+        return F.linear(NormWeights.of(norm)(hidden), unembed.weight)
 
     def generate(
         self,
