@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ class NormWeights:
         return cls(tuple(norm.normalized_shape), norm.weight, norm.bias, norm.eps)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        return torch.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +83,8 @@ class FeedForwardWeights:
 
 def geglu(x: Tensor) -> Tensor:
     """(..., 2 * inner) -> (..., inner): the first half gated by the GELU of the second."""
-    x, gate = x.chunk(2, dim=-1)
-    return x * F.gelu(gate)
+    half = x.shape[-1] // 2
+    return x[..., :half] * F.gelu(x[..., half:])
 
 
 def feed_forward(weights: FeedForwardWeights, x: Tensor, training: bool = False) -> Tensor:

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.attention import SELF_ATTENTION_LOGIT
-from model.blocks import AttentionWeights, FeedForwardWeights, attention_inputs, attention_output, feed_forward
+from model.blocks import (
+    AttentionWeights,
+    FeedForwardWeights,
+    NormWeights,
+    attention_inputs,
+    attention_output,
+    feed_forward,
+)
 from model.cache import SlidingKVCache, Slots, StepRings, cache_capacity
 from model.positions import Rotation, l2norm
 from model.residual import StreamMixing, add_branch_output, branch_input
@@ -43,7 +50,7 @@ class StepPlan:
 class StepPlanner:
     """Builds StepPlans for one causal model; holds its position encodings' constants."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         attention_layers = model.attention_layers
         first = attention_layers[0].attn_fn
         if not model.causal or first.look_forward:
@@ -63,10 +70,16 @@ class StepPlanner:
                 if not torch.equal(layer.attn_fn.rel_pos.inv_freq, self.rotary.inv_freq):
                     raise ValueError("layers with different rotary frequencies cannot share a position plan")
 
-        self.bias_table = None  # (distance, heads), in the dtype of the cache
+        # the score added for a key a query may not see: half the most negative number, far below any score,
+        # and no overflow to -inf when a bias is added
+        self.blocked_score = torch.tensor(torch.finfo(dtype).min / 2, dtype=dtype, device=device)
+        self.open_score = torch.zeros((), dtype=dtype, device=device)
+        self.bias_table = None  # (distance, heads) for distances 0..2W-1, then a row of blocked scores
         if model.dynamic_pos_bias is not None:
             with torch.no_grad():
-                self.bias_table = model.dynamic_pos_bias.distance_table(2 * self.window_size).to(dtype)
+                table = model.dynamic_pos_bias.distance_table(2 * self.window_size).to(dtype)
+            self.blocked_row = table.shape[0]
+            self.bias_table = torch.cat((table, self.blocked_score.expand(1, table.shape[1])))
 
     def plan(self, cache: SlidingKVCache, slots: Slots, query_positions: Tensor) -> StepPlan:
         """The plan of feeding new tokens at positions (B, L) (first..first+L-1 of each slot) to `slots`."""
@@ -85,15 +98,11 @@ class StepPlanner:
             query_rotation = self.rotary.rotation((query_positions - frame_start)[:, None], self.frame_len, False)
             key_rotation = self.rotary.rotation((key_positions - frame_start)[:, None], self.frame_len, True)
 
-        dtype = cache.keys.dtype
         if self.bias_table is None:
-            score_bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)[:, None]  # (B, 1, L, K)
+            score_bias = torch.where(blocked, self.blocked_score, self.open_score)[:, None]  # (B, 1, L, K)
         else:
-            if length > 1:  # keys after a query (blocked anyway) have negative distances
-                distance = distance.clamp(0, self.bias_table.shape[0] - 1)  # (B, L, K)
-            score_bias = self.bias_table[distance].permute(0, 3, 1, 2)  # (B, heads, L, K)
-        # half the most negative number: far below any score, and no overflow to -inf when a bias is added
-        score_bias = score_bias.masked_fill(blocked[:, None], torch.finfo(dtype).min / 2).contiguous()
+            row = torch.where(blocked, self.blocked_row, distance)  # (B, L, K)
+            score_bias = F.embedding(row, self.bias_table).permute(0, 3, 1, 2).contiguous()  # (B, heads, L, K)
 
         return StepPlan(
             rings=cache.step_rings(slots, first, length),
@@ -161,13 +170,17 @@ class CachedLayer:
 
 
 class CachedLayers:
-    """A LocalTransformer's layers run over the sliding KV cache, calling no module (see model.blocks).
+    """A LocalTransformer's layers and output head run over the sliding KV cache, calling no module
+    (see model.blocks).
 
     The records hold the model's own parameter tensors (no copies): build this after the weights are loaded.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.streams = model.streams
+        norm, unembed = model.to_logits
+        self.final_norm = NormWeights.of(norm)
+        self.unembed = unembed.weight
         self.layers = []
         for attention, feed_forward_layer in model.layers:
             attend_fn = attention.branch.attn_fn
@@ -183,7 +196,7 @@ class CachedLayers:
             )
 
     def run(self, x: Tensor, plan: StepPlan) -> Tensor:
-        """Embeddings of the step's new tokens (B, L, dim) -> hidden states (B, L, dim); stores their keys."""
+        """Embeddings of the step's new tokens (B, L, dim) -> logits (B, L, num_tokens); stores their keys."""
         x = self.streams.expand(x)
         for index, layer in enumerate(self.layers):
             branch_in, residuals, beta = branch_input(layer.attention_mixing, x)
@@ -195,7 +208,7 @@ class CachedLayers:
 
             branch_in, residuals, beta = branch_input(layer.feed_forward_mixing, x)
             x = add_branch_output(residuals, beta, feed_forward(layer.feed_forward, branch_in))
-        return self.streams.reduce(x)
+        return F.linear(self.final_norm(self.streams.reduce(x)), self.unembed)
 
 
 def cached_attention(layer: int, plan: StepPlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -7,7 +7,6 @@ when a request starts or stops) belongs to its caller.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -20,21 +19,20 @@ from model.transformer import ContextLimitError, LocalTransformer
 __all__ = ["ContextLimitError", "Decoder", "generate", "generate_uncached", "stream_tokens"]
 
 
-@contextmanager
-def native_kernels() -> Iterator[None]:
-    """Run with oneDNN off: PyTorch's own CPU kernels for elementwise ops such as GELU.
+class NativeKernels:
+    """Context in which oneDNN is off: PyTorch's own CPU kernels run elementwise ops such as GELU.
 
     On the few hundred values of a decode step oneDNN's GELU spends several microseconds setting up per call,
-    and it rounds differently in the last bit from the native kernel that the full forward's GELU (on
-    non-contiguous halves) uses. Matrix products go to BLAS either way.
+    and it rounds differently in the last bit from the native kernel, which is what the full forward's GELU
+    on more than one position (non-contiguous halves) runs. Matrix products go to BLAS either way.
     """
-    mkldnn = torch.backends.mkldnn
-    was_enabled = mkldnn.enabled
-    mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        mkldnn.enabled = was_enabled
+
+    def __enter__(self) -> None:
+        self.was_enabled = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.backends.mkldnn.enabled = self.was_enabled
 
 
 class Decoder:
@@ -53,8 +51,9 @@ class Decoder:
             raise ValueError("generation needs a model with a token embedding (num_tokens)")
         parameter = next(model.parameters())
         dtype = parameter.dtype if dtype is None else dtype
+        device = parameter.device if device is None else torch.device(device)
         self.model = model
-        self.planner = StepPlanner(model, dtype)
+        self.planner = StepPlanner(model, dtype, device)
         self.layers = CachedLayers(model)
         self.window_size = self.planner.window_size
         chunk = self.window_size if prefill_chunk is None else prefill_chunk
@@ -68,7 +67,7 @@ class Decoder:
             heads=first_attention.heads,
             dim_head=first_attention.dim_head,
             capacity=self.planner.capacity,
-            device=parameter.device if device is None else device,
+            device=device,
             dtype=dtype,
         )
 
@@ -85,7 +84,6 @@ class Decoder:
         """Tokens the slot has consumed so far."""
         return int(self.cache.lengths[slot])
 
-    @torch.inference_mode()
     def step(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
         """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens).
 
@@ -94,17 +92,19 @@ class Decoder:
         and keep their position. Their key is written at their current position's ring index, whose old entry
         is out of every later query's window and which their next real token overwrites: nothing reads it.
         """
-        model, cache = self.model, self.cache
+        cache = self.cache
         length = tokens.shape[1]
-        positions = cache.lengths[slots][:, None] + torch.arange(length, device=tokens.device)  # (B, L)
-        plan = self.planner.plan(cache, slots, positions)
-        if advance is not None:
-            positions = positions * advance[:, None]  # riders embed at position 0: always in range
-        x = model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
-        with native_kernels():
-            hidden = self.layers.run(x, plan)
-        cache.lengths[slots] += length if advance is None else advance * length
-        return model.logits(hidden)
+        with torch.inference_mode(), NativeKernels():
+            positions = cache.lengths[slots][:, None]  # (B, 1)
+            if length > 1:
+                positions = positions + torch.arange(length, device=tokens.device)  # (B, L)
+            plan = self.planner.plan(cache, slots, positions)
+            if advance is not None:
+                positions = positions * advance[:, None]  # riders embed at position 0: always in range
+            x = self.model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
+            logits = self.layers.run(x, plan)
+            cache.lengths[slots] += length if advance is None else advance * length
+            return logits
 
     def chunk_end(self, start: int, end: int) -> int:
         """End of the prefill chunk starting at `start`: the next multiple of the chunk size, at most `end`."""
