@@ -58,9 +58,15 @@ class SlidingKVCache:
     ) -> None:
         shape = (num_layers, num_slots, heads, capacity, dim_head)
         self.capacity = capacity
+        self.heads = heads
         self.ring_index = torch.arange(capacity, device=device)  # (C,)
+        self.slot_ids = torch.arange(num_slots, device=device)  # (slots,)
+        self.head_ids = torch.arange(heads, device=device)[:, None]  # (heads, 1)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # the same storage with one row per (slot, head, ring index): written by row index, any slots
+        self.key_rows = self.keys.view(num_layers, -1, dim_head)
+        self.value_rows = self.values.view(num_layers, -1, dim_head)
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.starts = torch.zeros(num_slots, dtype=torch.long, device=device)
 
@@ -94,35 +100,33 @@ class SlidingKVCache:
         """
         kept = min(length, self.capacity)
         if kept == 1:
-            index = ((first_position + length - 1) % self.capacity)[:, None]  # (B, 1)
+            ring = ((first_position + length - 1) % self.capacity)[:, None]  # (B, 1)
         else:
             offsets = torch.arange(length - kept, length, device=first_position.device)  # (kept,)
-            index = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
+            ring = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
+        slot_ids = self.slot_ids[slots][:, None, None]  # (B, 1, 1)
+        # rows of the buffers seen as (layers, slots * heads * capacity, dim_head), in (B, heads, kept) order
+        rows = ((slot_ids * self.heads + self.head_ids) * self.capacity + ring[:, None, :]).flatten()
         if isinstance(slots, slice):
-            keys, values = self.keys[:, slots], self.values[:, slots]  # views (layers, B, heads, C, dim_head)
-            _, _, heads, _, dim_head = keys.shape
-            spread = index[:, None, :, None].expand(-1, heads, -1, dim_head)  # (B, heads, kept, dim_head)
-            return StepRings(self, keys, values, slots=None, rows=None, index=spread, skip=length - kept)
-        rows = slots[:, None].expand_as(index)  # (B, kept)
-        return StepRings(self, keys=None, values=None, slots=slots, rows=rows, index=index, skip=length - kept)
+            return StepRings(self, rows, length - kept, keys=self.keys[:, slots], values=self.values[:, slots])
+        return StepRings(self, rows, length - kept, keys=None, values=None, slots=slots)
 
 
 @dataclass
 class StepRings:
-    """The ring entries of one step's slots, and where the step's new keys go (after skipping `skip`).
+    """The ring entries of one step's slots, and where its new keys go: `rows` of the flattened buffers for
+    the newest `capacity` of them, after skipping the first `skip`.
 
-    A slice of slots is read as views of the buffers (`keys`, `values`: (layers, B, heads, C, dim_head)) and
-    written in place by scatter along the ring with `index` (B, heads, kept, dim_head). Slot indices `slots`
-    (B,) are read by gathering and written by advanced indexing at `rows` and `index` (B, kept).
+    A slice of slots is read as views of the buffers (`keys`, `values`: (layers, B, heads, C, dim_head));
+    slot indices `slots` (B,) are read by gathering.
     """
 
     cache: SlidingKVCache
+    rows: Tensor  # (B * heads * kept,)
+    skip: int
     keys: Tensor | None
     values: Tensor | None
-    slots: Tensor | None
-    rows: Tensor | None
-    index: Tensor
-    skip: int
+    slots: Tensor | None = None
 
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
         """Keys and values (B, heads, capacity, dim_head) of one layer."""
@@ -134,10 +138,6 @@ class StepRings:
         """Store one layer's new keys and values (B, heads, L, dim_head)."""
         if self.skip:
             keys, values = keys[:, :, self.skip :], values[:, :, self.skip :]  # (B, heads, kept, dim_head)
-        if self.keys is not None:
-            self.keys[layer].scatter_(2, self.index, keys)
-            self.values[layer].scatter_(2, self.index, values)
-            return
-        # advanced indexing puts the (B, kept) index dims first: (B, kept, heads, dim_head)
-        self.cache.keys[layer, self.rows, :, self.index] = keys.transpose(1, 2)
-        self.cache.values[layer, self.rows, :, self.index] = values.transpose(1, 2)
+        dim_head = keys.shape[-1]
+        self.cache.key_rows[layer].index_copy_(0, self.rows, keys.reshape(-1, dim_head))
+        self.cache.value_rows[layer].index_copy_(0, self.rows, values.reshape(-1, dim_head))

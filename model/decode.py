@@ -1,4 +1,4 @@
-"""Attention of new tokens against the sliding KV cache: the position arithmetic of one cached step.
+"""One cached step: new tokens of many slots through the model's layers against the sliding KV cache.
 
 A step feeds L new tokens to each of B slots, slot b starting at position t0[b]. Everything that depends only
 on positions (which keys each query may see, rotary angles, xpos scales, the dynamic position bias) is computed
@@ -11,6 +11,9 @@ Two key layouts:
 Rotary angles and xpos exponents are taken relative to the frame start (t0 // W - lb) * W of the step's first
 query, so they stay below (lb + 1) * W + L however far into the text the step is. The product q . k depends
 only on the distance between the two positions, as in the reference's full forward.
+
+`CachedLayers` runs the layers themselves on plain weight records (model.blocks) rather than through the
+modules: the per-token arithmetic is the same, without dozens of module calls per token.
 """
 
 from __future__ import annotations
@@ -144,17 +147,36 @@ class StepPlanner:
         return key_positions, q - k, blocked
 
 
+# On a CPU, PyTorch's fused attention runs one small product per (slot, head) row of a decode step; from this
+# many rows on, two batched matrix products over all rows read the cache faster (1.2x at 32 slots x 4 heads).
+CPU_BATCHED_DECODE_ROWS = 32
+
+
 def attend(q: Tensor, keys: Tensor, values: Tensor, plan: StepPlan, scale: float) -> Tensor:
     """q (B, h, L, dh) against keys and values (B, h, K, dh) -> (B, h, L, dh)."""
     if plan.query_rotation is not None:
         q = plan.query_rotation.apply(q)
         keys = plan.key_rotation.apply(keys)
     if plan.self_key is None:
+        batch, heads, length, _ = q.shape
+        if length == 1 and q.device.type == "cpu" and batch * heads >= CPU_BATCHED_DECODE_ROWS:
+            return batched_attention(q, keys, values, plan.score_bias, scale)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.score_bias, scale=scale)
     # shared_qk: a query sees its own key only when nothing else is allowed (its logit is replaced)
     sim = (q * scale) @ keys.transpose(-1, -2)  # (B, h, L, K)
     sim = sim.masked_fill(plan.self_key, SELF_ATTENTION_LOGIT) + plan.score_bias
     return sim.softmax(dim=-1) @ values
+
+
+def batched_attention(q: Tensor, keys: Tensor, values: Tensor, score_bias: Tensor, scale: float) -> Tensor:
+    """Attention as two batched matrix products over the B * h rows: q (B, h, L, dh) -> (B, h, L, dh)."""
+    batch, heads, length, dim_head = q.shape
+    rows, key_count = batch * heads, keys.shape[2]
+    bias = score_bias.expand(batch, heads, length, key_count).reshape(rows, length, key_count)
+    keys_t = keys.reshape(rows, key_count, dim_head).transpose(1, 2)  # (rows, dh, K)
+    scores = torch.baddbmm(bias, q.reshape(rows, length, dim_head), keys_t, alpha=scale)  # (rows, L, K)
+    attended = torch.bmm(scores.softmax(dim=-1), values.reshape(rows, key_count, dim_head))  # (rows, L, dh)
+    return attended.view(batch, heads, length, dim_head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +192,7 @@ class CachedLayer:
 
 
 class CachedLayers:
-    """A LocalTransformer's layers and output head run over the sliding KV cache, calling no module
-    (see model.blocks).
+    """A LocalTransformer's layers and output head over the sliding KV cache, calling no module.
 
     The records hold the model's own parameter tensors (no copies): build this after the weights are loaded.
     """

@@ -11,6 +11,7 @@ import torch
 
 import model
 from model.cache import SlidingKVCache, cache_capacity
+from model.decode import CPU_BATCHED_DECODE_ROWS
 from model.generate import ContextLimitError, Decoder
 from tests.model.helpers import randomize_
 
@@ -80,30 +81,33 @@ def test_chunked_prefill_equals_full_forward_at_every_length(chunk: int) -> None
         assert (decoder.prefill(0, tokens[:length]) - full[length - 1]).abs().max() <= TOLERANCE
 
 
-def test_batched_slots_equal_each_slot_alone_and_survive_reuse() -> None:
+# 16 slots x 2 heads reach the batched-matrix-product attention of CPU decode steps; 4 slots stay below it
+@pytest.mark.parametrize("num_slots", [4, 16])
+def test_batched_slots_equal_each_slot_alone_and_survive_reuse(num_slots: int) -> None:
     net = build(seed=1)
+    assert (num_slots * 2 >= CPU_BATCHED_DECODE_ROWS) == (num_slots == 16)
     generator = torch.Generator().manual_seed(7)
-    texts = [torch.randint(0, 256, (80,), generator=generator) for _ in range(5)]
+    texts = [torch.randint(0, 256, (80,), generator=generator) for _ in range(num_slots + 1)]
     with torch.no_grad():
         expected = [net(text[None])[0] for text in texts]
 
-    decoder = Decoder(net, num_slots=4)
-    prompt_lengths = [1, 5, 9, 14]  # every slot at another place in its window
+    decoder = Decoder(net, num_slots=num_slots)
     positions = {}
-    for slot, length in enumerate(prompt_lengths):
+    for slot in range(num_slots):
+        length = 1 + (5 * slot) % 14  # every slot at another place in its window
         decoder.prefill(slot, texts[slot][:length])
         positions[slot] = length
-    owner = {slot: slot for slot in range(4)}
+    owner = {slot: slot for slot in range(num_slots)}
 
     for step in range(40):
         if step == 17:  # slot 2 finishes; a new text takes its place without disturbing the others
             decoder.reset(2)
-            owner[2] = 4
-            decoder.prefill(2, texts[4][:3])
+            owner[2] = num_slots
+            decoder.prefill(2, texts[num_slots][:3])
             positions[2] = 3
-        tokens = torch.stack([texts[owner[slot]][positions[slot]] for slot in range(4)])
-        logits = decoder.decode_all(tokens) if step % 2 else decoder.decode(torch.arange(4), tokens)
-        for slot in range(4):
+        tokens = torch.stack([texts[owner[slot]][positions[slot]] for slot in range(num_slots)])
+        logits = decoder.decode_all(tokens) if step % 2 else decoder.decode(torch.arange(num_slots), tokens)
+        for slot in range(num_slots):
             reference = expected[owner[slot]][positions[slot]]
             assert (logits[slot] - reference).abs().max() <= TOLERANCE, f"slot {slot} step {step}"
             positions[slot] += 1
