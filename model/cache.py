@@ -58,10 +58,9 @@ class SlidingKVCache:
     ) -> None:
         shape = (num_layers, num_slots, heads, capacity, dim_head)
         self.capacity = capacity
-        self.heads = heads
         self.ring_index = torch.arange(capacity, device=device)  # (C,)
-        self.slot_ids = torch.arange(num_slots, device=device)  # (slots,)
-        self.head_ids = torch.arange(heads, device=device)[:, None]  # (heads, 1)
+        # the row of ring index 0 of each (slot, head) in the flattened buffers (see key_rows)
+        self.first_rows = torch.arange(num_slots * heads, device=device).view(num_slots, heads, 1) * capacity
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         # the same storage with one row per (slot, head, ring index): written by row index, any slots
@@ -99,14 +98,13 @@ class SlidingKVCache:
         Only the newest `capacity` positions are kept, so no two writes land on one ring index.
         """
         kept = min(length, self.capacity)
-        if kept == 1:
-            ring = ((first_position + length - 1) % self.capacity)[:, None]  # (B, 1)
+        if length == 1:
+            ring = (first_position % self.capacity)[:, None]  # (B, 1)
         else:
             offsets = torch.arange(length - kept, length, device=first_position.device)  # (kept,)
             ring = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
-        slot_ids = self.slot_ids[slots][:, None, None]  # (B, 1, 1)
         # rows of the buffers seen as (layers, slots * heads * capacity, dim_head), in (B, heads, kept) order
-        rows = ((slot_ids * self.heads + self.head_ids) * self.capacity + ring[:, None, :]).flatten()
+        rows = (self.first_rows[slots] + ring[:, None, :]).flatten()
         if isinstance(slots, slice):
             return StepRings(self, rows, length - kept, keys=self.keys[:, slots], values=self.values[:, slots])
         return StepRings(self, rows, length - kept, keys=None, values=None, slots=slots)

@@ -58,14 +58,19 @@ def random_tokens(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (count,), generator=torch.Generator().manual_seed(seed))
 
 
-def decode_ms_at_context(model: LocalTransformer, context: int, steps: int) -> float:
-    """Median milliseconds of one decode step (batch 1) once `context` tokens are in the slot."""
+def one_token_step(model: LocalTransformer, context: int) -> Callable[[], Any]:
+    """A decode step of one slot holding `context` tokens, warmed up: each call decodes one more token."""
     decoder = Decoder(model, num_slots=1, prefill_chunk=4 * model.local_attn_window_size)
     decoder.prefill(0, random_tokens(context))
     token = torch.tensor([7])
     for _ in range(3):
         decoder.decode_all(token)
-    return statistics.median(timed(lambda: decoder.decode_all(token), steps)) * 1000
+    return lambda: decoder.decode_all(token)
+
+
+def decode_ms_at_context(model: LocalTransformer, context: int, steps: int) -> float:
+    """Median milliseconds of one decode step (batch 1) once `context` tokens are in the slot."""
+    return statistics.median(timed(one_token_step(model, context), steps)) * 1000
 
 
 def batched_tokens_per_second(model: LocalTransformer, slots: int, steps: int) -> float:
@@ -101,25 +106,50 @@ def memory_over_long_generation(model: LocalTransformer, tokens: int) -> dict[st
     }
 
 
-@torch.no_grad()
-def reference_ms_per_token(reference: torch.nn.Module, context: int, tokens: int, use_kv_cache: bool) -> float:
-    """Median milliseconds per token of local-attention's generate loop after a `context`-token prompt.
+WARMUP_STEPS = 10
 
-    The loop is the one its generate runs (forward over the last max_seq_len tokens, with or without its
-    cache), timed step by step; with the cache the first step runs the whole prompt and is left out.
+
+class ReferenceLoop:
+    """local-attention's generate loop, one token per call: a forward over the last max_seq_len tokens (with
+    or without its cache) and the argmax appended.
+
+    With the cache the first step runs the whole prompt; it is taken here, before any step is timed.
     """
-    out = random_tokens(context)[None]
-    cache, times = None, []
-    for _ in range(tokens + 1):
-        start = time.perf_counter()
-        window = out[:, -reference.max_seq_len :]
+
+    def __init__(self, reference: torch.nn.Module, context: int, use_kv_cache: bool) -> None:
+        self.reference = reference
+        self.use_kv_cache = use_kv_cache
+        self.out = random_tokens(context)[None]  # (1, n)
+        self.cache = None
         if use_kv_cache:
-            logits, cache = reference(window, cache=cache, return_cache=True)
+            self.step()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        window = self.out[:, -self.reference.max_seq_len :]
+        if self.use_kv_cache:
+            logits, self.cache = self.reference(window, cache=self.cache, return_cache=True)
         else:
-            logits = reference(window)
-        out = torch.cat((out, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:] if use_kv_cache else times) * 1000
+            logits = self.reference(window)
+        self.out = torch.cat((self.out, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+
+
+def paired_ms_per_token(
+    model: LocalTransformer, reference: torch.nn.Module, context: int, steps: int, reference_steps: int, rounds: int
+) -> tuple[float, float]:
+    """Median milliseconds per token of our decode step and the reference's cached generate loop at `context`.
+
+    The two take turns in `rounds` rounds, so a slow spell of a shared machine falls on both alike. Each turn
+    first runs untimed steps: after the other's turn either needs several steps to be back at its speed in a
+    loop of its own (the reference about eight, allocating a few MiB per step).
+    """
+    step = one_token_step(model, context)
+    loop = ReferenceLoop(reference, context, use_kv_cache=True)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours += timed(step, WARMUP_STEPS + max(1, steps // rounds))[WARMUP_STEPS:]
+        theirs += timed(loop.step, WARMUP_STEPS + max(1, reference_steps // rounds))[WARMUP_STEPS:]
+    return statistics.median(ours) * 1000, statistics.median(theirs) * 1000
 
 
 def linear_shapes(model: LocalTransformer) -> list[tuple[int, int]]:
@@ -237,10 +267,9 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.reference:
         report["reference"] = reference_figures(model, model_kwargs, args)
-        ours_8k = per_token.get("8192")
-        cached_8k = report["reference"].get("cached_ms_per_token", {}).get("8192")
-        if ours_8k and cached_8k:
-            report["speedup_over_reference_cached_at_8k"] = cached_8k / ours_8k
+        speedup_8k = report["reference"].get("cached_over_ours", {}).get("8192")
+        if speedup_8k:
+            report["speedup_over_reference_cached_at_8k"] = speedup_8k
     if args.mistral:
         mistral = mistral_figures(model_kwargs, 512, [b for b in (1, 32) if str(b) in throughput], args.steps)
         report["transformers_mistral"] = mistral
@@ -257,19 +286,27 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def reference_figures(model: LocalTransformer, model_kwargs: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """local-attention's own generate on the same weights, cached and uncached."""
+    """local-attention's own generate loop on the same weights: cached (timed in turns with ours) and uncached."""
     try:
         import local_attention
     except ImportError:
         return {"skipped": "local-attention is not installed (pip install 'windowlm[dev]')"}
     reference = local_attention.LocalTransformer(**model_kwargs).eval()
     reference.load_state_dict(model.state_dict(), strict=True)
-    cached, uncached = {}, {}
+    cached, ours, uncached = {}, {}, {}
     for context in args.contexts:
-        cached[str(context)] = reference_ms_per_token(reference, context, args.reference_tokens, True)
+        ours[str(context)], cached[str(context)] = paired_ms_per_token(
+            model, reference, context, args.steps, args.reference_tokens, args.rounds
+        )
         if context <= args.uncached_up_to:
-            uncached[str(context)] = reference_ms_per_token(reference, context, 2, False)
-    return {"cached_ms_per_token": cached, "uncached_ms_per_token": uncached}
+            loop = ReferenceLoop(reference, context, use_kv_cache=False)
+            uncached[str(context)] = statistics.median(timed(loop.step, 2)) * 1000
+    return {
+        "cached_ms_per_token": cached,
+        "ours_ms_per_token_in_turns": ours,
+        "cached_over_ours": {context: cached[context] / ours[context] for context in cached},
+        "uncached_ms_per_token": uncached,
+    }
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -282,6 +319,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-tokens", type=int, default=100_000, help="tokens for the memory figure (0: skip)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--reference-tokens", type=int, default=16)
+    parser.add_argument("--reference-tokens", type=int, default=32, help="timed reference tokens per context")
+    parser.add_argument("--rounds", type=int, default=4, help="turns of ours and the reference, per context")
     parser.add_argument("--uncached-up-to", type=int, default=8192, help="largest context for uncached figures")
     parser.add_argument("--mistral", action=argparse.BooleanOptionalAction, default=True)
