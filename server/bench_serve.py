@@ -196,28 +196,41 @@ def plot(rounds: list[dict[str, Any]], path: Path) -> str:
     return str(path)
 
 
+def measure_level(port: int, model: torch.nn.Module, concurrency: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`args.repeats` HTTP rounds at one concurrency, each followed at once by the same load on the engine alone
+    (the server sits idle meanwhile), so that both sides of each HTTP/engine ratio meet the same machine.
+
+    Reports the round with the median HTTP tokens/s, the median engine figure and the median of the ratios.
+    """
+    http, engine = [], []
+    for _ in range(args.repeats):
+        http.append(asyncio.run(one_round(port, concurrency, args.max_tokens)))
+        engine.append(engine_tokens_per_second(model, concurrency, args.max_tokens))
+    result = sorted(http, key=lambda round_: round_["tokens_per_second"])[len(http) // 2]
+    result["repeats"] = args.repeats
+    result["engine_tokens_per_second"] = statistics.median(engine)
+    ratios = [round_["tokens_per_second"] / alone for round_, alone in zip(http, engine, strict=True)]
+    result["http_over_engine"] = statistics.median(ratios)
+    result["decoder_tokens_per_second"] = batched_tokens_per_second(model, concurrency, args.steps)
+    return result
+
+
 def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     from weights.io import load_checkpoint
 
-    levels = args.concurrency
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         weights = Path(args.weights) if args.weights else bench_checkpoint(Path(scratch) / "bench")
+        model, _ = load_checkpoint(weights)
         port = free_port()
         load_before = os.getloadavg()
-        server = start_server(weights, port, max(levels))
+        server = start_server(weights, port, max(args.concurrency))
         try:
             asyncio.run(one_round(port, 1, 16))  # warm up
-            rounds = [asyncio.run(one_round(port, n, args.max_tokens)) for n in levels]
+            rounds = [measure_level(port, model, n, args) for n in args.concurrency]
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
-        model, _ = load_checkpoint(weights)
-        torch.set_num_threads(args.threads)
-        for result in rounds:
-            concurrency = result["concurrency"]
-            result["engine_tokens_per_second"] = engine_tokens_per_second(model, concurrency, args.max_tokens)
-            result["decoder_tokens_per_second"] = batched_tokens_per_second(model, concurrency, args.steps)
-            result["http_over_engine"] = result["tokens_per_second"] / result["engine_tokens_per_second"]
 
     by_level = {r["concurrency"]: r for r in rounds}
     report: dict[str, Any] = {
@@ -240,5 +253,6 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=lambda s: [int(p) for p in s.split(",")], default=[1, 4, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens each stream asks for")
     parser.add_argument("--steps", type=int, default=64, help="timed engine steps for the raw figure")
+    parser.add_argument("--repeats", type=int, default=3, help="HTTP and engine-alone rounds per concurrency")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--plot", default="bench-serve.png", help="where to write the PNG")
