@@ -93,3 +93,8 @@ def feed_forward(weights: FeedForwardWeights, x: Tensor, training: bool = False)
     if training and weights.dropout > 0:
         hidden = F.dropout(hidden, weights.dropout, training=True)
     return F.linear(hidden, weights.project_out)
+
+
+def project_logits(norm: NormWeights, unembed: Tensor, hidden: Tensor) -> Tensor:
+    """Final hidden states (b, n, dim) -> logits (b, n, num_tokens): the last norm, then the unembedding."""
+    return F.linear(norm(hidden), unembed)

@@ -112,8 +112,8 @@ class SlidingKVCache:
 
 @dataclass
 class StepRings:
-    """The ring entries of one step's slots, and where its new keys go: `rows` of the flattened buffers for
-    the newest `capacity` of them, after skipping the first `skip`.
+    """The ring entries of one step's slots, and where its new keys and values go: `rows` of the flattened
+    buffers for the newest `capacity` of them, after skipping the first `skip`.
 
     A slice of slots is read as views of the buffers (`keys`, `values`: (layers, B, heads, C, dim_head));
     slot indices `slots` (B,) are read by gathering.

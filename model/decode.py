@@ -32,6 +32,7 @@ from model.blocks import (
     attention_inputs,
     attention_output,
     feed_forward,
+    project_logits,
 )
 from model.cache import SlidingKVCache, Slots, StepRings, cache_capacity
 from model.positions import Rotation, l2norm
@@ -116,7 +117,9 @@ class StepPlanner:
             key_rotation=key_rotation,
         )
 
-    def decode_visibility(self, cache: SlidingKVCache, position: Tensor, start: Tensor) -> tuple[Tensor, ...]:
+    def decode_visibility(
+        self, cache: SlidingKVCache, position: Tensor, start: Tensor
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
         """One query per slot at position t (B,) against the ring after t is written.
 
         Returns key positions (B, C) (rotary models only), distances t - key (B, 1, C) and which keys are
@@ -132,7 +135,9 @@ class StepPlanner:
         key_positions = position - distance if self.rotary is not None else None
         return key_positions, distance[:, None], (distance > farthest)[:, None]
 
-    def prefill_visibility(self, cache: SlidingKVCache, query_positions: Tensor, start: Tensor) -> tuple[Tensor, ...]:
+    def prefill_visibility(
+        self, cache: SlidingKVCache, query_positions: Tensor, start: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Queries at positions (B, L) against the ring before they are written followed by their own keys.
 
         Returns key positions (B, K), distances query - key (B, L, K) and which keys are blocked (B, L, K).
@@ -149,6 +154,7 @@ class StepPlanner:
 
 # On a CPU, PyTorch's fused attention runs one small product per (slot, head) row of a decode step; from this
 # many rows on, two batched matrix products over all rows read the cache faster (1.2x at 32 slots x 4 heads).
+# Float32 only: the fused kernel keeps half-precision scores in float32, the batched products would not.
 CPU_BATCHED_DECODE_ROWS = 32
 
 
@@ -159,7 +165,8 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, plan: StepPlan, scale: float
         keys = plan.key_rotation.apply(keys)
     if plan.self_key is None:
         batch, heads, length, _ = q.shape
-        if length == 1 and q.device.type == "cpu" and batch * heads >= CPU_BATCHED_DECODE_ROWS:
+        cpu_float32 = q.device.type == "cpu" and q.dtype == torch.float32
+        if length == 1 and cpu_float32 and batch * heads >= CPU_BATCHED_DECODE_ROWS:
             return batched_attention(q, keys, values, plan.score_bias, scale)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.score_bias, scale=scale)
     # shared_qk: a query sees its own key only when nothing else is allowed (its logit is replaced)
@@ -194,7 +201,9 @@ class CachedLayer:
 class CachedLayers:
     """A LocalTransformer's layers and output head over the sliding KV cache, calling no module.
 
-    The records hold the model's own parameter tensors (no copies): build this after the weights are loaded.
+    The records hold the model's Parameter objects themselves, so weights loaded into them in place (as
+    load_state_dict does) are used at once; a model whose Parameters are replaced needs a new Decoder, as
+    does a change to the dynamic position bias, whose table the StepPlanner computes once.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -229,7 +238,7 @@ class CachedLayers:
 
             branch_in, residuals, beta = branch_input(layer.feed_forward_mixing, x)
             x = add_branch_output(residuals, beta, feed_forward(layer.feed_forward, branch_in))
-        return F.linear(self.final_norm(self.streams.reduce(x)), self.unembed)
+        return project_logits(self.final_norm, self.unembed, self.streams.reduce(x))
 
 
 def cached_attention(layer: int, plan: StepPlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

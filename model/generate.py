@@ -6,7 +6,9 @@ when a request starts or stops) belongs to its caller.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -20,19 +22,32 @@ __all__ = ["ContextLimitError", "Decoder", "generate", "generate_uncached", "str
 
 
 class NativeKernels:
-    """Context in which oneDNN is off: PyTorch's own CPU kernels run elementwise ops such as GELU.
+    """Context in which oneDNN is off, so PyTorch's own CPU kernels run elementwise ops such as GELU.
 
-    On the few hundred values of a decode step oneDNN's GELU spends several microseconds setting up per call,
-    and it rounds differently in the last bit from the native kernel, which is what the full forward's GELU
-    on more than one position (non-contiguous halves) runs. Matrix products go to BLAS either way.
+    For float32 on a CPU: on the few hundred values of a decode step oneDNN's GELU spends several microseconds
+    setting up per call, and it rounds differently in the last bit from the native kernel, which is what the
+    full forward's GELU over more than one position (non-contiguous halves) runs; float32 matrix products go
+    to BLAS either way. (Half-precision matrix products do use oneDNN on a CPU: Decoders in those dtypes leave
+    it on.) The switch is process-wide: while any thread is inside, oneDNN is off for every thread; the last
+    one out restores it.
     """
 
+    lock = threading.Lock()
+    inside = 0
+    was_enabled = True
+
     def __enter__(self) -> None:
-        self.was_enabled = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
+        with NativeKernels.lock:
+            if NativeKernels.inside == 0:
+                NativeKernels.was_enabled = torch.backends.mkldnn.enabled
+                torch.backends.mkldnn.enabled = False
+            NativeKernels.inside += 1
 
     def __exit__(self, *exc_info: object) -> None:
-        torch.backends.mkldnn.enabled = self.was_enabled
+        with NativeKernels.lock:
+            NativeKernels.inside -= 1
+            if NativeKernels.inside == 0:
+                torch.backends.mkldnn.enabled = NativeKernels.was_enabled
 
 
 class Decoder:
@@ -53,6 +68,8 @@ class Decoder:
         dtype = parameter.dtype if dtype is None else dtype
         device = parameter.device if device is None else torch.device(device)
         self.model = model
+        native = device.type == "cpu" and dtype == torch.float32
+        self.kernels: AbstractContextManager = NativeKernels() if native else nullcontext()
         self.planner = StepPlanner(model, dtype, device)
         self.layers = CachedLayers(model)
         self.window_size = self.planner.window_size
@@ -94,8 +111,8 @@ class Decoder:
         """
         cache = self.cache
         length = tokens.shape[1]
-        with torch.inference_mode(), NativeKernels():
-            positions = cache.lengths[slots][:, None]  # (B, 1)
+        with torch.inference_mode(), self.kernels:
+            positions = cache.lengths[slots][:, None].clone()  # (B, 1), not a view of what this step advances
             if length > 1:
                 positions = positions + torch.arange(length, device=tokens.device)  # (B, L)
             plan = self.planner.plan(cache, slots, positions)

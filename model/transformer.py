@@ -19,6 +19,7 @@ from model.blocks import (
     attention_output,
     feed_forward,
     geglu,
+    project_logits,
 )
 from model.positions import DynamicPositionBias
 from model.residual import ResidualStreams
@@ -32,7 +33,8 @@ class LocalMHA(nn.Module):
     """Multi-head local attention: projections, optional qk RMS norm and per-head value gates.
 
     Extra keyword arguments (look_backward, look_forward, shared_qk, use_rotary_pos_emb, ...) go to
-    LocalAttention.
+    LocalAttention. The projections are called as functions of their weights (model.blocks), not as modules:
+    hooks on them or modules swapped in for them are not run.
     """
 
     def __init__(
@@ -103,12 +105,17 @@ class LocalMHA(nn.Module):
 
 
 class GEGLU(nn.Module):
+    """FeedForward's activation, kept as a module so the layer indices of the state dict stay 0, 1, 4."""
+
     def forward(self, x: Tensor) -> Tensor:
         return geglu(x)
 
 
 class FeedForward(nn.Sequential):
-    """Pre-norm GEGLU feed-forward; the layer indices (0, 1, 4) match the reference's state dict."""
+    """Pre-norm GEGLU feed-forward; the layer indices (0, 1, 4) match the reference's state dict.
+
+    Its forward is a function of the children's weights (model.blocks); the children are not called.
+    """
 
     def __init__(self, dim: int, mult: float = 4, dropout: float = 0.0) -> None:
         inner_dim = int(dim * mult * 2 / 3)
@@ -248,12 +255,7 @@ class LocalTransformer(nn.Module):
             x = x + F.embedding(positions, self.pos_emb.weight)
         return x
 
-    def run_layers(
-        self,
-        x: Tensor,
-        mask: Tensor | None = None,
-        attn_bias: Tensor | None = None,
-    ) -> Tensor:
+    def run_layers(self, x: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
         """Embeddings (b, n, dim) through every layer -> hidden states (b, n, dim), before the final norm."""
         x = self.streams.expand(x)
         for (attention, feed_forward_layer), global_layer in zip(self.layers, self.global_layers, strict=True):
@@ -284,7 +286,7 @@ class LocalTransformer(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """Final hidden states (b, n, dim) -> logits (b, n, num_tokens)."""
         norm, unembed = self.to_logits
-        return F.linear(NormWeights.of(norm)(hidden), unembed.weight)
+        return project_logits(NormWeights.of(norm), unembed.weight, hidden)
 
     def generate(
         self,

@@ -181,6 +181,25 @@ def matmul_roofline_flops(model: LocalTransformer, batch: int, repeats: int = 50
     return sum(2 * batch * n_in * n_out for n_in, n_out in shapes) / seconds
 
 
+def decode_bytes_per_step(model: LocalTransformer, kv_bytes_per_slot: int, batch: int) -> int:
+    """Bytes one decode step must read at least: every weight matrix once, and each slot's whole cache."""
+    weights = sum(n_in * n_out for n_in, n_out in linear_shapes(model)) * next(model.parameters()).element_size()
+    return weights + batch * kv_bytes_per_slot
+
+
+def read_bandwidth(total_bytes: int, repeats: int = 20) -> float:
+    """Bytes/s of streaming reads over a working set of `total_bytes` (a sum over four tensors): the memory
+    roofline of a step that reads that much."""
+    chunks = [torch.ones(max(1, total_bytes // 16)) for _ in range(4)]  # four float32 tensors
+
+    def run() -> None:
+        for chunk in chunks:
+            chunk.sum()
+
+    run()
+    return sum(chunk.nbytes for chunk in chunks) / statistics.median(timed(run, repeats))
+
+
 def mistral_figures(model_kwargs: dict, context: int, batches: list[int], steps: int) -> dict[str, Any]:
     """HuggingFace transformers' MistralForCausalLM of the same size with its sliding-window cache."""
     try:
@@ -264,6 +283,18 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "fraction": achieved / peak,
             }
     report["roofline"] = {"decode_flops_per_token": flops_per_token, "by_batch": roofline}
+
+    memory = {}
+    for batch, tokens_per_second in throughput.items():
+        step_bytes = decode_bytes_per_step(model, decoder.cache.nbytes(), int(batch))
+        achieved, peak = step_bytes * tokens_per_second / int(batch), read_bandwidth(step_bytes)
+        memory[batch] = {
+            "bytes_per_step": step_bytes,
+            "decode_gb_per_second": achieved / 1e9,
+            "read_gb_per_second": peak / 1e9,
+            "fraction": achieved / peak,
+        }
+    report["memory_roofline"] = memory
 
     if args.reference:
         report["reference"] = reference_figures(model, model_kwargs, args)

@@ -12,7 +12,7 @@ import torch
 import model
 from model.cache import SlidingKVCache, cache_capacity
 from model.decode import CPU_BATCHED_DECODE_ROWS
-from model.generate import ContextLimitError, Decoder
+from model.generate import ContextLimitError, Decoder, NativeKernels
 from tests.model.helpers import randomize_
 
 TOLERANCE = 1e-4
@@ -82,9 +82,10 @@ def test_chunked_prefill_equals_full_forward_at_every_length(chunk: int) -> None
 
 
 # 16 slots x 2 heads reach the batched-matrix-product attention of CPU decode steps; 4 slots stay below it
+@pytest.mark.parametrize("positions", ["rotary", "dynamic_bias"])
 @pytest.mark.parametrize("num_slots", [4, 16])
-def test_batched_slots_equal_each_slot_alone_and_survive_reuse(num_slots: int) -> None:
-    net = build(seed=1)
+def test_batched_slots_equal_each_slot_alone_and_survive_reuse(num_slots: int, positions: str) -> None:
+    net = build(seed=1, use_dynamic_pos_bias=positions == "dynamic_bias")
     assert (num_slots * 2 >= CPU_BATCHED_DECODE_ROWS) == (num_slots == 16)
     generator = torch.Generator().manual_seed(7)
     texts = [torch.randint(0, 256, (80,), generator=generator) for _ in range(num_slots + 1)]
@@ -241,9 +242,10 @@ def test_slots_riding_along_without_advancing_are_not_disturbed(exact: bool) -> 
     assert (logits - expected_reading[40]).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("num_slots", [1, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("positions", ["rotary", "xpos", "dynamic_bias"])
-def test_half_precision_decoding_follows_float32(dtype: torch.dtype, positions: str) -> None:
+def test_half_precision_decoding_follows_float32(dtype: torch.dtype, positions: str, num_slots: int) -> None:
     options = dict(use_xpos=positions == "xpos", use_dynamic_pos_bias=positions == "dynamic_bias")
     net = build(seed=9, **options)
     half = build(seed=9, **options).to(dtype)
@@ -251,10 +253,23 @@ def test_half_precision_decoding_follows_float32(dtype: torch.dtype, positions: 
         if hasattr(module, "inv_freq"):
             module.inv_freq = module.inv_freq.float()
     tokens = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(2))
-    exact, approximate = Decoder(net, num_slots=1), Decoder(half, num_slots=1)
+    exact, approximate = Decoder(net, num_slots=num_slots), Decoder(half, num_slots=num_slots)
     assert approximate.cache.keys.dtype == dtype
     for token in tokens:
-        expected = exact.decode_all(token[None])[0].softmax(-1)
-        actual = approximate.decode_all(token[None])[0].float().softmax(-1)
+        expected = exact.decode_all(token.repeat(num_slots)).softmax(-1)  # (slots, V)
+        actual = approximate.decode_all(token.repeat(num_slots)).float().softmax(-1)
         assert torch.isfinite(actual).all()
         assert (expected - actual).abs().max() < 0.05
+
+
+def test_native_kernels_switch_oneDNN_off_while_inside_and_nest() -> None:
+    before = torch.backends.mkldnn.enabled
+    with NativeKernels():
+        assert not torch.backends.mkldnn.enabled
+        with NativeKernels():
+            assert not torch.backends.mkldnn.enabled
+        assert not torch.backends.mkldnn.enabled  # the outer one is still inside
+    assert torch.backends.mkldnn.enabled == before
+    # half-precision matrix products use oneDNN on a CPU: only float32 decoders turn it off
+    assert isinstance(Decoder(build(), num_slots=1).kernels, NativeKernels)
+    assert not isinstance(Decoder(build().to(torch.bfloat16), num_slots=1).kernels, NativeKernels)
