@@ -32,6 +32,8 @@ BENCH_MODEL = dict(
     num_residual_streams=1,
 )
 
+WARMUP_STEPS = 10  # untimed steps at the start of each turn of measurements taken in turns
+
 
 def resident_bytes() -> int:
     """Resident set size of this process now (Linux), or the peak elsewhere."""
@@ -73,16 +75,34 @@ def decode_ms_at_context(model: LocalTransformer, context: int, steps: int) -> f
     return statistics.median(timed(one_token_step(model, context), steps)) * 1000
 
 
-def batched_tokens_per_second(model: LocalTransformer, slots: int, steps: int) -> float:
-    """Decode throughput with every slot busy, each at another position of its window."""
+def batched_step(model: LocalTransformer, slots: int) -> Callable[[], Any]:
+    """A decode step with every slot busy, each at another position of its window; warmed up."""
     decoder = Decoder(model, num_slots=slots)
     for slot in range(slots):
-        decoder.prefill(slot, random_tokens(300 + 37 * slot, seed=slot))
+        decoder.prefill(slot, random_tokens(300 + 37 * slot % 256, seed=slot))  # full caches, other offsets
     tokens = random_tokens(slots)
     for _ in range(3):
         decoder.decode_all(tokens)
-    seconds = sum(timed(lambda: decoder.decode_all(tokens), steps))
-    return slots * steps / seconds
+    return lambda: decoder.decode_all(tokens)
+
+
+def batched_tokens_per_second(model: LocalTransformer, slots: int, steps: int) -> float:
+    """Decode throughput with every slot busy."""
+    return slots * steps / sum(timed(batched_step(model, slots), steps))
+
+
+def batched_tokens_per_second_in_turns(
+    model: LocalTransformer, batches: list[int], steps: int, rounds: int
+) -> dict[str, float]:
+    """Decode throughput at each batch size, the sizes timed in turns over `rounds` rounds (each turn after
+    untimed steps) so that a slow spell of the machine falls on all of them; from the median step."""
+    runs = {slots: batched_step(model, slots) for slots in batches}
+    times: dict[int, list[float]] = {slots: [] for slots in batches}
+    for _ in range(rounds):
+        for slots, step in runs.items():
+            warm_up = min(WARMUP_STEPS, max(1, steps // rounds))
+            times[slots] += timed(step, warm_up + max(1, steps // rounds))[warm_up:]
+    return {str(slots): slots / statistics.median(times[slots]) for slots in batches}
 
 
 def memory_over_long_generation(model: LocalTransformer, tokens: int) -> dict[str, float]:
@@ -104,9 +124,6 @@ def memory_over_long_generation(model: LocalTransformer, tokens: int) -> dict[st
         "growth_fraction": (after - before) / before,
         "ms_per_token": seconds / tokens * 1000,
     }
-
-
-WARMUP_STEPS = 10
 
 
 class ReferenceLoop:
@@ -266,7 +283,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     report["decode_ms_per_token"] = per_token
     report["context_ratio_largest_to_smallest"] = per_token[str(max_context)] / per_token[str(min(args.contexts))]
 
-    throughput = {str(b): batched_tokens_per_second(model, b, args.steps) for b in args.batches}
+    throughput = batched_tokens_per_second_in_turns(model, args.batches, args.steps, args.rounds)
     report["batched_tokens_per_second"] = throughput
     if "1" in throughput and "32" in throughput:
         report["batch_32_over_batch_1"] = throughput["32"] / throughput["1"]
