@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import model
-from model.cache import SlidingKVCache, cache_capacity
+from model.cache import SlidingKVCache, cache_capacity, ring_buffer
 from model.decode import CPU_BATCHED_DECODE_ROWS
 from model.generate import ContextLimitError, Decoder, NativeKernels
 from tests.model.helpers import randomize_
@@ -273,3 +273,13 @@ def test_native_kernels_switch_oneDNN_off_while_inside_and_nest() -> None:
     # half-precision matrix products use oneDNN on a CPU: only float32 decoders turn it off
     assert isinstance(Decoder(build(), num_slots=1).kernels, NativeKernels)
     assert not isinstance(Decoder(build().to(torch.bfloat16), num_slots=1).kernels, NativeKernels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ring_buffers_start_zeroed_contiguous_and_writable(dtype: torch.dtype) -> None:
+    shape = (2, 3, 4, 5, 6)
+    buffer = ring_buffer(shape, "cpu", dtype)
+    assert buffer.shape == shape and buffer.dtype == dtype and buffer.is_contiguous()
+    assert not buffer.any()
+    buffer[1, 2] = 3.0
+    assert buffer.sum().item() == 3.0 * 4 * 5 * 6
