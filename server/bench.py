@@ -363,11 +363,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--contexts", type=numbers, default=[512, 8192, 65536])
     parser.add_argument("--batches", type=numbers, default=[1, 8, 32, 64])
-    parser.add_argument("--steps", type=int, default=64, help="timed decode steps per figure")
+    parser.add_argument("--steps", type=int, default=128, help="timed decode steps per figure")
     parser.add_argument("--long-tokens", type=int, default=100_000, help="tokens for the memory figure (0: skip)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--reference-tokens", type=int, default=32, help="timed reference tokens per context")
-    parser.add_argument("--rounds", type=int, default=4, help="turns of ours and the reference, per context")
+    parser.add_argument("--rounds", type=int, default=8, help="turns taken by the figures timed in turns")
     parser.add_argument("--uncached-up-to", type=int, default=8192, help="largest context for uncached figures")
     parser.add_argument("--mistral", action=argparse.BooleanOptionalAction, default=True)
