@@ -70,11 +70,6 @@ def one_token_step(model: LocalTransformer, context: int) -> Callable[[], Any]:
     return lambda: decoder.decode_all(token)
 
 
-def decode_ms_at_context(model: LocalTransformer, context: int, steps: int) -> float:
-    """Median milliseconds of one decode step (batch 1) once `context` tokens are in the slot."""
-    return statistics.median(timed(one_token_step(model, context), steps)) * 1000
-
-
 def batched_step(model: LocalTransformer, slots: int) -> Callable[[], Any]:
     """A decode step with every slot busy, each at another position of its window; warmed up."""
     decoder = Decoder(model, num_slots=slots)
@@ -91,18 +86,32 @@ def batched_tokens_per_second(model: LocalTransformer, slots: int, steps: int) -
     return slots * steps / sum(timed(batched_step(model, slots), steps))
 
 
+def median_seconds_in_turns(runs: dict[Any, tuple[Callable[[], Any], int]], rounds: int) -> dict[Any, float]:
+    """Median seconds of a call of each run (a callable and its number of timed calls in all), the runs timed
+    in turns over `rounds` rounds so that a slow spell of the machine falls on all of them alike.
+
+    Each turn first makes untimed calls: after another run's turn a run needs several calls to be back at
+    the speed it has in a loop of its own (the reference's generate about eight, allocating MiBs per step).
+    """
+    times: dict[Any, list[float]] = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, (run, calls) in runs.items():
+            times[key] += timed(run, WARMUP_STEPS + max(1, calls // rounds))[WARMUP_STEPS:]
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def decode_ms_per_token(model: LocalTransformer, contexts: list[int], steps: int, rounds: int) -> dict[str, float]:
+    """Milliseconds of one decode step (batch 1) with each context in the slot, the contexts in turns."""
+    runs = {context: (one_token_step(model, context), steps) for context in contexts}
+    return {str(context): seconds * 1000 for context, seconds in median_seconds_in_turns(runs, rounds).items()}
+
+
 def batched_tokens_per_second_in_turns(
     model: LocalTransformer, batches: list[int], steps: int, rounds: int
 ) -> dict[str, float]:
-    """Decode throughput at each batch size, the sizes timed in turns over `rounds` rounds (each turn after
-    untimed steps) so that a slow spell of the machine falls on all of them; from the median step."""
-    runs = {slots: batched_step(model, slots) for slots in batches}
-    times: dict[int, list[float]] = {slots: [] for slots in batches}
-    for _ in range(rounds):
-        for slots, step in runs.items():
-            warm_up = min(WARMUP_STEPS, max(1, steps // rounds))
-            times[slots] += timed(step, warm_up + max(1, steps // rounds))[warm_up:]
-    return {str(slots): slots / statistics.median(times[slots]) for slots in batches}
+    """Decode throughput at each batch size, from the median step, the sizes timed in turns."""
+    runs = {slots: (batched_step(model, slots), steps) for slots in batches}
+    return {str(slots): slots / seconds for slots, seconds in median_seconds_in_turns(runs, rounds).items()}
 
 
 def memory_over_long_generation(model: LocalTransformer, tokens: int) -> dict[str, float]:
@@ -154,19 +163,12 @@ class ReferenceLoop:
 def paired_ms_per_token(
     model: LocalTransformer, reference: torch.nn.Module, context: int, steps: int, reference_steps: int, rounds: int
 ) -> tuple[float, float]:
-    """Median milliseconds per token of our decode step and the reference's cached generate loop at `context`.
-
-    The two take turns in `rounds` rounds, so a slow spell of a shared machine falls on both alike. Each turn
-    first runs untimed steps: after the other's turn either needs several steps to be back at its speed in a
-    loop of its own (the reference about eight, allocating a few MiB per step).
-    """
-    step = one_token_step(model, context)
+    """Median milliseconds per token of our decode step and the reference's cached generate loop at `context`,
+    timed in turns."""
     loop = ReferenceLoop(reference, context, use_kv_cache=True)
-    ours, theirs = [], []
-    for _ in range(rounds):
-        ours += timed(step, WARMUP_STEPS + max(1, steps // rounds))[WARMUP_STEPS:]
-        theirs += timed(loop.step, WARMUP_STEPS + max(1, reference_steps // rounds))[WARMUP_STEPS:]
-    return statistics.median(ours) * 1000, statistics.median(theirs) * 1000
+    runs = {"ours": (one_token_step(model, context), steps), "reference": (loop.step, reference_steps)}
+    seconds = median_seconds_in_turns(runs, rounds)
+    return seconds["ours"] * 1000, seconds["reference"] * 1000
 
 
 def linear_shapes(model: LocalTransformer) -> list[tuple[int, int]]:
@@ -279,7 +281,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     report["model"]["kv_cache_positions_per_layer"] = capacity
     report["model"]["kv_cache_bytes_per_slot"] = decoder.cache.nbytes()
 
-    per_token = {str(c): decode_ms_at_context(model, c, args.steps) for c in args.contexts}
+    per_token = decode_ms_per_token(model, args.contexts, args.steps, args.rounds)
     report["decode_ms_per_token"] = per_token
     report["context_ratio_largest_to_smallest"] = per_token[str(max_context)] / per_token[str(min(args.contexts))]
 
