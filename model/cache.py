@@ -52,7 +52,8 @@ def ring_buffer(shape: tuple[int, ...], device: torch.device | str, dtype: torch
     nbytes = count * torch.empty((), dtype=dtype).element_size()
     region = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled
     region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=dtype, count=count).view(shape)  # the tensor keeps the region alive
+    buffer = torch.frombuffer(region, dtype=dtype, count=count).view(shape)  # the tensor keeps the region alive
+    return buffer.zero_()  # touch every page now, not one page fault at a time while serving
 
 
 class SlidingKVCache:
