@@ -153,7 +153,8 @@ class StepPlanner:
 
 
 # On a CPU, PyTorch's fused attention runs one small product per (slot, head) row of a decode step; from this
-# many rows on, two batched matrix products over all rows read the cache faster (1.2x at 32 slots x 4 heads).
+# many rows on, two batched matrix products over all rows read the cache faster (a step of 32 slots x 4 heads:
+# 4.55 -> 4.06 ms, measured in turns).
 # Float32 only: the fused kernel keeps half-precision scores in float32, the batched products would not.
 CPU_BATCHED_DECODE_ROWS = 32
 
