@@ -191,6 +191,8 @@ def apply_penalties(logits: Tensor, seen: Tensor, counts: Tensor, params: BatchP
 
 
 def _failure_codes(logits: Tensor) -> Tensor:  # (B,) long, 0 = fine, else a key of _FAILURES
+    if bool(logits.isfinite().all()):  # the usual case, in one pass
+        return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     nan = logits.isnan().any(-1)  # (B,)
     pos_inf = logits.isposinf().any(-1)  # (B,)
     all_neg_inf = logits.isneginf().all(-1)  # (B,)
@@ -200,9 +202,11 @@ def _failure_codes(logits: Tensor) -> Tensor:  # (B,) long, 0 = fine, else a key
 
 
 def _penalised(
-    logits: Tensor, samplers: Sequence[SequenceSampler], params: BatchParams
+    logits: Tensor, samplers: Sequence[SequenceSampler], params: BatchParams | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(raw float32 logits, penalised logits, failure codes); failed rows are zeroed in both."""
+    """(raw float32 logits, penalised logits, failure codes); failed rows are zeroed in both.
+
+    `params` may be None when no sampler has a penalty."""
     raw = logits.float()  # (B, V)
     code = _failure_codes(raw)  # (B,)
     raw = raw.masked_fill(code[:, None] > 0, 0.0)
@@ -216,23 +220,30 @@ def _penalised(
     return raw, penalised, code
 
 
-def _filter_sorted(penalised: Tensor, params: BatchParams) -> tuple[Tensor, Tensor]:
+def _filter_sorted(
+    penalised: Tensor, params: BatchParams, samplers: Sequence[SequenceSampler]
+) -> tuple[Tensor, Tensor]:
     """Temperature and the candidate filters, on each row sorted best first.
 
     Returns (scaled logits, token ids), both (B, V) in descending order; the best is 0, removed are -inf.
-    A stable sort puts the lowest id first among ties, so rank 0 is the argmax.
+    A stable sort puts the lowest id first among ties, so rank 0 is the argmax. A filter no row of the batch
+    uses is skipped (it would keep every token).
     """
+    vocab_size = penalised.shape[-1]
     ordered, ids = penalised.sort(dim=-1, descending=True, stable=True)  # (B, V)
     tiny = torch.finfo(torch.float32).tiny  # a temperature that underflowed to 0 in float32 stays > 0
     temperature = torch.where(params.greedy, 1.0, params.temperature.clamp(min=tiny))  # (B,)
     scaled = (ordered - ordered[:, :1]) / temperature[:, None]  # (B, V)
-    ranks = torch.arange(ordered.shape[-1], device=ordered.device)  # (V,)
-    keep = ranks[None, :] < params.keep_top[:, None]  # (B, V)
-    probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)  # (B, V)
-    mass_before = probs.cumsum(-1) - probs  # (B, V) probability ranked above each token
-    top_p = params.top_p[:, None]  # (B, 1)
-    keep &= (mass_before < top_p) | (top_p >= 1)
-    keep &= scaled >= params.min_p.log()[:, None]  # p / p_max >= min_p, in log space
+    keep = torch.ones_like(scaled, dtype=torch.bool)  # (B, V)
+    if any(s.keep_top < vocab_size for s in samplers):
+        keep &= torch.arange(vocab_size, device=ordered.device)[None, :] < params.keep_top[:, None]
+    if any(s.params.top_p < 1 for s in samplers):
+        probs = torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)  # (B, V)
+        mass_before = probs.cumsum(-1) - probs  # (B, V) probability ranked above each token
+        top_p = params.top_p[:, None]  # (B, 1)
+        keep &= (mass_before < top_p) | (top_p >= 1)
+    if any(s.params.min_p > 0 for s in samplers):
+        keep &= scaled >= params.min_p.log()[:, None]  # p / p_max >= min_p, in log space
     return scaled.masked_fill(~keep, -math.inf), ids
 
 
@@ -243,7 +254,7 @@ def process_logits(logits: Tensor, samplers: Sequence[SequenceSampler]) -> Tenso
     """
     params = BatchParams.from_samplers(samplers, logits.device)
     _, penalised, code = _penalised(logits, samplers, params)
-    scaled, ids = _filter_sorted(penalised, params)  # (B, V)
+    scaled, ids = _filter_sorted(penalised, params, samplers)  # (B, V)
     out = torch.full_like(scaled, -math.inf).scatter_(1, ids, scaled)  # (B, V)
     return out.masked_fill(code[:, None] > 0, -math.inf)
 
@@ -295,13 +306,15 @@ def sample_batch(logits: Tensor, samplers: Sequence[SequenceSampler]) -> SampleR
                 f"{tuple(logits.shape)} on {logits.device}"
             )
     device = logits.device
-    params = BatchParams.from_samplers(samplers, device)
+    greedy = all(s.params.greedy for s in samplers)
+    needs_params = not greedy or any(s.params.penalised for s in samplers)
+    params = BatchParams.from_samplers(samplers, device) if needs_params else None
     raw, penalised, code = _penalised(logits, samplers, params)
     failed = code > 0  # (B,)
-    if all(s.params.greedy for s in samplers):
+    if greedy:
         tokens = penalised.argmax(dim=-1)  # (B,) the lowest id among ties, as the sorted path picks
     else:
-        scaled, ids = _filter_sorted(penalised, params)  # (B, V)
+        scaled, ids = _filter_sorted(penalised, params, samplers)  # (B, V)
         tokens = _draw(scaled, ids, _uniforms(samplers, device))  # (B,)
     tokens = tokens.masked_fill(failed, FAILED_TOKEN)
 
