@@ -276,11 +276,14 @@ class Engine:
             return
         started = time.perf_counter()
         span = generating[-1] + 1
-        tokens = torch.zeros(span, dtype=torch.long)
-        advance = torch.zeros(span, dtype=torch.bool)
-        tokens[generating] = torch.tensor([self.slots[i].next_token for i in generating])
-        advance[generating] = True
-        logits = self.decoder.decode(slice(0, span), tokens.to(self.device), advance.to(self.device))
+        if len(generating) == span:  # every slot of the range takes a token
+            tokens, advance = torch.tensor([self.slots[i].next_token for i in generating]), None
+        else:
+            tokens = torch.zeros(span, dtype=torch.long)
+            tokens[generating] = torch.tensor([self.slots[i].next_token for i in generating])
+            advance = torch.zeros(span, dtype=torch.bool, device=self.device)
+            advance[generating] = True
+        logits = self.decoder.decode(slice(0, span), tokens.to(self.device), advance)
         self.sample(generating, logits[generating] if len(generating) < span else logits)
         self.metrics.decode_step_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(generating))
