@@ -112,6 +112,10 @@ class LocalAttention(nn.Module):
             scale_base = window_size // 2 if xpos_scale_base is None else xpos_scale_base
             self.rel_pos = RotaryEmbedding(dim, use_xpos=use_xpos, scale_base=scale_base)
 
+    def logit_scale(self, dim_head: int) -> float:
+        """What q . k is multiplied by: the given scale, else 1 / sqrt(dim_head)."""
+        return dim_head**-0.5 if self.scale is None else self.scale
+
     @property
     def frame_windows(self) -> int:
         """Windows in one query window's frame of keys."""
@@ -146,7 +150,7 @@ class LocalAttention(nn.Module):
         if seq_len % window:
             raise ValueError(f"sequence length {seq_len} must be divisible by window size {window}")
         windows = seq_len // window
-        scale = dim_head**-0.5 if self.scale is None else self.scale
+        scale = self.logit_scale(dim_head)
 
         if self.shared_qk:
             k = l2norm(k)

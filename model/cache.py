@@ -123,9 +123,7 @@ class SlidingKVCache:
             ring = (first_position[:, None] + offsets) % self.capacity  # (B, kept)
         # rows of the buffers seen as (layers, slots * heads * capacity, dim_head), in (B, heads, kept) order
         rows = (self.first_rows[slots] + ring[:, None, :]).flatten()
-        if isinstance(slots, slice):
-            return StepRings(self, rows, length - kept, keys=self.keys[:, slots], values=self.values[:, slots])
-        return StepRings(self, rows, length - kept, keys=None, values=None, slots=slots)
+        return StepRings(self, slots, rows, skip=length - kept)
 
 
 @dataclass
@@ -133,21 +131,16 @@ class StepRings:
     """The ring entries of one step's slots, and where its new keys and values go: `rows` of the flattened
     buffers for the newest `capacity` of them, after skipping the first `skip`.
 
-    A slice of slots is read as views of the buffers (`keys`, `values`: (layers, B, heads, C, dim_head));
-    slot indices `slots` (B,) are read by gathering.
+    A slice of slots reads views of the buffers; slot indices (B,) read by gathering.
     """
 
     cache: SlidingKVCache
+    slots: Slots
     rows: Tensor  # (B * heads * kept,)
     skip: int
-    keys: Tensor | None
-    values: Tensor | None
-    slots: Tensor | None = None
 
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
         """Keys and values (B, heads, capacity, dim_head) of one layer."""
-        if self.keys is not None:
-            return self.keys[layer], self.values[layer]
         return self.cache.keys[layer, self.slots], self.cache.values[layer, self.slots]
 
     def write(self, layer: int, keys: Tensor, values: Tensor) -> None:

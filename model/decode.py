@@ -219,7 +219,7 @@ class CachedLayers:
                 CachedLayer(
                     attention=attention.branch.weights(),
                     attention_mixing=attention.mixing(),
-                    scale=attention.branch.dim_head**-0.5 if attend_fn.scale is None else attend_fn.scale,
+                    scale=attend_fn.logit_scale(attention.branch.dim_head),
                     shared_qk=attend_fn.shared_qk,
                     feed_forward=feed_forward_layer.branch.weights(),
                     feed_forward_mixing=feed_forward_layer.mixing(),
@@ -227,7 +227,7 @@ class CachedLayers:
             )
 
     def run(self, x: Tensor, plan: StepPlan) -> Tensor:
-        """Embeddings of the step's new tokens (B, L, dim) -> logits (B, L, num_tokens); stores their keys."""
+        """Embeddings of the step's new tokens (B, L, dim) -> final hidden states (B, L, dim); stores their keys."""
         x = self.streams.expand(x)
         for index, layer in enumerate(self.layers):
             branch_in, residuals, beta = branch_input(layer.attention_mixing, x)
@@ -239,7 +239,11 @@ class CachedLayers:
 
             branch_in, residuals, beta = branch_input(layer.feed_forward_mixing, x)
             x = add_branch_output(residuals, beta, feed_forward(layer.feed_forward, branch_in))
-        return project_logits(self.final_norm, self.unembed, self.streams.reduce(x))
+        return self.streams.reduce(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final hidden states (B, L, dim) -> logits (B, L, num_tokens)."""
+        return project_logits(self.final_norm, self.unembed, hidden)
 
 
 def cached_attention(layer: int, plan: StepPlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

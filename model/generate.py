@@ -101,8 +101,9 @@ class Decoder:
         """Tokens the slot has consumed so far."""
         return int(self.cache.lengths[slot])
 
-    def step(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
-        """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens).
+    def step(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens), or of the
+        last position only (B, 1, num_tokens) with `last_only`, all a prompt needs.
 
         `slots` may be a slice (ALL_SLOTS, or a range of slots): the cache is then read in place, not gathered.
         `advance` (B,) bool marks the slots that really take these tokens; the others ride along in the batch
@@ -119,25 +120,29 @@ class Decoder:
             if advance is not None:
                 positions = positions * advance[:, None]  # riders embed at position 0: always in range
             x = self.model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
-            logits = self.layers.run(x, plan)
+            hidden = self.layers.run(x, plan)  # (B, L, dim)
             cache.lengths[slots] += length if advance is None else advance * length
-            return logits
+            return self.layers.logits(hidden[:, -1:] if last_only else hidden)
 
     def chunk_end(self, start: int, end: int) -> int:
         """End of the prefill chunk starting at `start`: the next multiple of the chunk size, at most `end`."""
         return min(end, (start // self.prefill_chunk + 1) * self.prefill_chunk)
+
+    def read_chunk(self, slot: int, tokens: Tensor) -> Tensor:
+        """Feed one prefill chunk of tokens (L,) to `slot` -> logits (num_tokens,) after its last token."""
+        slots = torch.tensor([slot], device=self.cache.lengths.device)
+        return self.step(slots, tokens[None], last_only=True)[0, 0]
 
     def prefill(self, slot: int, tokens: Sequence[int] | Tensor) -> Tensor:
         """Feed a prompt to one slot chunk by chunk -> logits (num_tokens,) after its last token."""
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.lengths.device)
         if tokens.numel() == 0:
             raise ValueError("cannot prefill an empty prompt")
-        slots = torch.tensor([slot], device=tokens.device)
         start, logits = 0, None
         while start < tokens.numel():
             position = self.position(slot)
             end = start + self.chunk_end(position, position + tokens.numel() - start) - position
-            logits = self.step(slots, tokens[None, start:end])[0, -1]
+            logits = self.read_chunk(slot, tokens[start:end])
             start = end
         return logits
 

@@ -81,11 +81,6 @@ def batched_step(model: LocalTransformer, slots: int) -> Callable[[], Any]:
     return lambda: decoder.decode_all(tokens)
 
 
-def batched_tokens_per_second(model: LocalTransformer, slots: int, steps: int) -> float:
-    """Decode throughput with every slot busy."""
-    return slots * steps / sum(timed(batched_step(model, slots), steps))
-
-
 def median_seconds_in_turns(runs: dict[Any, tuple[Callable[[], Any], int]], rounds: int) -> dict[Any, float]:
     """Median seconds of a call of each run (a callable and its number of timed calls in all), the runs timed
     in turns over `rounds` rounds so that a slow spell of the machine falls on all of them alike.

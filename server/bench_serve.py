@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from model.sampling import SamplingParams
-from server.bench import BENCH_MODEL, batched_tokens_per_second
+from server.bench import BENCH_MODEL, batched_tokens_per_second_in_turns
 from server.engine import Engine, EngineRequest, FinishEvent, TokenEvent
 from server.metrics import Metrics
 
@@ -211,7 +211,8 @@ def measure_level(port: int, model: torch.nn.Module, concurrency: int, args: arg
     result["engine_tokens_per_second"] = statistics.median(engine)
     ratios = [round_["tokens_per_second"] / alone for round_, alone in zip(http, engine, strict=True)]
     result["http_over_engine"] = statistics.median(ratios)
-    result["decoder_tokens_per_second"] = batched_tokens_per_second(model, concurrency, args.steps)
+    decoder_alone = batched_tokens_per_second_in_turns(model, [concurrency], args.steps, rounds=1)
+    result["decoder_tokens_per_second"] = decoder_alone[str(concurrency)]
     return result
 
 

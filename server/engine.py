@@ -173,6 +173,10 @@ class Engine:
             self.metrics.requests_waiting.set(len(self.waiting))
             self.wakeup.notify()
 
+    def held_requests(self) -> list[EngineRequest]:
+        """Every request waiting or in a slot."""
+        return list(self.waiting) + [slot.request for slot in self.slots if slot is not None]
+
     def wake(self) -> None:
         with self.wakeup:
             self.wakeup.notify()
@@ -180,7 +184,7 @@ class Engine:
     def abort_all(self, message: str) -> None:
         """Fail every waiting and running request (used when a drain runs out of time)."""
         with self.wakeup:
-            for request in list(self.waiting) + [slot.request for slot in self.slots if slot is not None]:
+            for request in self.held_requests():
                 request.cancelled = True
                 request.emit(FinishEvent("error", message))
                 request.finished = True
@@ -203,7 +207,7 @@ class Engine:
         finally:
             self.running = False
             message = "the engine stopped" if self.failure is None else f"engine failure: {self.failure}"
-            for request in list(self.waiting) + [slot.request for slot in self.slots if slot is not None]:
+            for request in self.held_requests():
                 if not request.finished:
                     request.emit(FinishEvent("error", message))
 
@@ -256,14 +260,14 @@ class Engine:
                 continue
             prompt = slot.request.prompt
             end = self.decoder.chunk_end(slot.prefilled, len(prompt))
-            chunk = torch.tensor([prompt[slot.prefilled : end]], device=self.device)
+            chunk = torch.tensor(prompt[slot.prefilled : end], device=self.device)
             try:
-                logits = self.decoder.step(torch.tensor([index], device=self.device), chunk)[:, -1]  # (1, V)
+                logits = self.decoder.read_chunk(index, chunk)[None]  # (1, V)
             except ValueError as error:  # this prompt cannot be read (e.g. past the context): fail it alone
                 self.finish(index, "error", str(error))
                 continue
             slot.prefilled = end
-            self.metrics.prompt_tokens_total.inc(len(chunk[0]))
+            self.metrics.prompt_tokens_total.inc(len(chunk))
             if slot.prefilled == len(prompt):
                 self.sample([index], logits)
 

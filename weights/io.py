@@ -199,8 +199,8 @@ def save_checkpoint(
         raise CheckpointError("the model does not match its config: " + "; ".join(problems))
 
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_FILE, lambda path: path.write_text(document, encoding="utf-8"))
+    write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_FILE, lambda path: path.write_text(document, encoding="utf-8"))
     return directory
 
 
@@ -218,8 +218,9 @@ def _tensors_to_save(model: torch.nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write a file through `write(temporary_path)`, flush it to disk, then rename it to `path`."""
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file through `write(temporary_path)`, flush it to disk, then rename it to `path`: a reader sees
+    the old file or the whole new one, never a part."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     temporary_path = Path(temporary)

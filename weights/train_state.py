@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from weights.io import write_atomically
 
 STATE_DIR = "train_state"
 TENSORS_FILE = "state.safetensors"
@@ -68,8 +68,8 @@ def save_train_state(directory: str | os.PathLike[str], state: TrainState) -> Pa
     }
     text = json.dumps(document, indent=1, allow_nan=False) + "\n"
     metadata = {"step": str(state.step)}
-    _write_atomically(folder / TENSORS_FILE, lambda path: save_file(tensors, path, metadata=metadata))
-    _write_atomically(folder / JSON_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    write_atomically(folder / TENSORS_FILE, lambda path: save_file(tensors, path, metadata=metadata))
+    write_atomically(folder / JSON_FILE, lambda path: path.write_text(text, encoding="utf-8"))
     return folder
 
 
@@ -124,14 +124,3 @@ def restore_group_types(saved: dict[str, Any], fresh: torch.optim.Optimizer) -> 
                 group[key] = tuple(group[key])
         groups.append(group)
     return {"state": saved["state"], "param_groups": groups}
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary_path = Path(temporary)
-    try:
-        write(temporary_path)
-        os.replace(temporary_path, path)
-    finally:
-        temporary_path.unlink(missing_ok=True)
