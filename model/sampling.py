@@ -4,13 +4,17 @@ One step turns a batch of logits (B, V) into one token per row:
 
     raw logits (float32)
     -> repetition penalty (tokens seen in prompt or output), presence/frequency penalties (output only)
-    -> greedy rows: argmax
-    -> temperature, top-k and filter_thres, top-p, min-p
+    -> clamp to the float32 range, so no penalty can overflow (masked -inf tokens stay -inf)
+    -> greedy rows (temperature 0): argmax
+    -> temperature, top-k and filter_thres, top-p, min-p; the best token always stays
     -> inverse CDF with one uniform number drawn from the row's own generator
 
 Every step is a row-wise tensor operation over the whole batch, and each row's randomness comes only from
-its own generator, so a seeded sequence gets the same tokens alone or in any batch. A row whose logits are
-NaN or +inf (or all -inf) fails alone: its token is -1 and its error says why.
+its own generator, so a seeded sequence gets the same tokens alone or in any batch. Parameters are checked
+against what float32 can hold, so a valid value means the same as a tensor: a positive temperature below the
+smallest normal float32 divides by that smallest normal, which is greedy-like (a token more than 1.3e-36
+below the best gets weight 0). A row whose raw logits are NaN or +inf (or all -inf) fails alone: its token
+is -1 and its error says why; valid parameters cannot fail a row.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ _FAILURES = {
     1: "logits contain NaN",
     2: "logits contain +inf",
     3: "all logits are -inf",
-    4: "logits overflowed to +inf after the repetition penalty",
 }
-_OVERFLOW = 4
+_FLOAT32 = torch.finfo(torch.float32)
+FLOAT32_TINY = _FLOAT32.tiny  # the smallest normal float32, about 1.2e-38
+FLOAT32_MAX = _FLOAT32.max  # the largest float32, about 3.4e38
 
 
 class SamplingError(ValueError):
@@ -53,7 +58,7 @@ def _is_int(value: object) -> bool:
 class SamplingParams:
     """How one sequence picks its tokens. Defaults sample from the model's distribution unchanged."""
 
-    temperature: float = 1.0  # 0 means greedy argmax
+    temperature: float = 1.0  # 0 means greedy argmax; 0 < t < float32 tiny is greedy-like
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max
@@ -76,17 +81,27 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise SamplingError naming the first field that is out of range."""
         t = self.temperature
-        if not _is_number(t) or not math.isfinite(t) or t < 0:
-            raise SamplingError("temperature", f"must be a finite number >= 0, got {t!r}")
+        if not _is_number(t) or not 0 <= t <= FLOAT32_MAX:  # NaN fails every comparison
+            raise SamplingError(
+                "temperature", f"must be a number >= 0 and at most {FLOAT32_MAX:.1e} (the largest float32), got {t!r}"
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
             raise SamplingError("top_k", f"must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.top_p < FLOAT32_TINY:  # 0 or subnormal as float32: top-p would keep no token
+            raise SamplingError(
+                "top_p", f"must be at least {FLOAT32_TINY:.1e} (the smallest normal float32), got {self.top_p!r}"
+            )
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise SamplingError("min_p", f"must be in [0, 1], got {self.min_p!r}")
         r = self.repetition_penalty
-        if not _is_number(r) or not math.isfinite(r) or r <= 0:
-            raise SamplingError("repetition_penalty", f"must be a finite number > 0, got {r!r}")
+        if not _is_number(r) or not FLOAT32_TINY <= r <= FLOAT32_MAX:
+            raise SamplingError(
+                "repetition_penalty",
+                f"must be a normal float32 > 0: from {FLOAT32_TINY:.1e} (the smallest normal float32) to "
+                f"{FLOAT32_MAX:.1e} (the largest), got {r!r}",
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
@@ -146,7 +161,7 @@ class BatchParams:
     presence_penalty: Tensor  # (B,)
     frequency_penalty: Tensor  # (B,)
     keep_top: Tensor  # (B,) long
-    greedy: Tensor  # (B,) bool
+    greedy: Tensor  # (B,) bool, temperature == 0 as given (not as float32, where 1e-50 is 0 too)
 
     @classmethod
     def from_samplers(cls, samplers: Sequence[SequenceSampler], device: torch.device) -> BatchParams:
@@ -158,12 +173,13 @@ class BatchParams:
                 p.repetition_penalty,
                 p.presence_penalty,
                 p.frequency_penalty,
+                float(p.greedy),
             )
             for p in (s.params for s in samplers)
         ]
-        values = torch.tensor(rows, dtype=torch.float32, device=device)  # (B, 6)
+        values = torch.tensor(rows, dtype=torch.float32, device=device)  # (B, 7)
         keep_top = torch.tensor([s.keep_top for s in samplers], dtype=torch.long, device=device)  # (B,)
-        return cls(*values.unbind(1), keep_top=keep_top, greedy=values[:, 0] == 0)
+        return cls(*values[:, :6].unbind(1), keep_top=keep_top, greedy=values[:, 6] > 0)
 
 
 @dataclass
@@ -179,15 +195,16 @@ class SampleResult:
 def apply_penalties(logits: Tensor, seen: Tensor, counts: Tensor, params: BatchParams) -> Tensor:  # (B, V)
     """Repetition penalty on seen tokens (prompt or output), then presence/frequency on output counts.
 
-    logits (B, V) float32; seen (B, V) bool; counts (B, V) of generated-token counts.
+    logits (B, V) float32; seen (B, V) bool; counts (B, V) of generated-token counts. The result is clamped to
+    the float32 range, so a penalty cannot overflow a finite logit to +-inf; -inf logits (masked) stay -inf.
     """
     counts = counts.to(logits.dtype)  # (B, V)
     seen = seen | (counts > 0)  # (B, V)
     rep = params.repetition_penalty[:, None]  # (B, 1)
-    penalised = torch.where(logits > 0, logits / rep, logits * rep)  # (B, V)
-    logits = torch.where(seen, penalised, logits)  # (B, V)
+    repeated = torch.where(logits > 0, logits / rep, logits * rep)  # (B, V)
     presence = params.presence_penalty[:, None] * (counts > 0)  # (B, V)
-    return logits - presence - params.frequency_penalty[:, None] * counts  # (B, V)
+    penalised = torch.where(seen, repeated, logits) - presence - params.frequency_penalty[:, None] * counts
+    return penalised.clamp(-FLOAT32_MAX, FLOAT32_MAX).masked_fill(logits.isneginf(), -math.inf)  # (B, V)
 
 
 def _failure_codes(logits: Tensor) -> Tensor:  # (B,) long, 0 = fine, else a key of _FAILURES
@@ -204,7 +221,7 @@ def _failure_codes(logits: Tensor) -> Tensor:  # (B,) long, 0 = fine, else a key
 def _penalised(
     logits: Tensor, samplers: Sequence[SequenceSampler], params: BatchParams | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(raw float32 logits, penalised logits, failure codes); failed rows are zeroed in both.
+    """(raw float32 logits, penalised logits, failure codes); failed rows are zeroed in raw, so both are finite.
 
     `params` may be None when no sampler has a penalty."""
     raw = logits.float()  # (B, V)
@@ -214,10 +231,7 @@ def _penalised(
         return raw, raw, code
     seen = torch.stack([s.prompt_seen for s in samplers])  # (B, V)
     counts = torch.stack([s.output_counts for s in samplers])  # (B, V)
-    penalised = apply_penalties(raw, seen, counts, params)  # (B, V)
-    code = torch.where(code > 0, code, (_failure_codes(penalised) > 0) * _OVERFLOW)  # (B,)
-    penalised = penalised.masked_fill(code[:, None] > 0, 0.0)
-    return raw, penalised, code
+    return raw, apply_penalties(raw, seen, counts, params), code
 
 
 def _filter_sorted(
@@ -226,13 +240,13 @@ def _filter_sorted(
     """Temperature and the candidate filters, on each row sorted best first.
 
     Returns (scaled logits, token ids), both (B, V) in descending order; the best is 0, removed are -inf.
-    A stable sort puts the lowest id first among ties, so rank 0 is the argmax. A filter no row of the batch
-    uses is skipped (it would keep every token).
+    A stable sort puts the lowest id first among ties, so rank 0 is the argmax; no filter removes it. A filter
+    no row of the batch uses is skipped (it would keep every token).
     """
     vocab_size = penalised.shape[-1]
     ordered, ids = penalised.sort(dim=-1, descending=True, stable=True)  # (B, V)
-    tiny = torch.finfo(torch.float32).tiny  # a temperature that underflowed to 0 in float32 stays > 0
-    temperature = torch.where(params.greedy, 1.0, params.temperature.clamp(min=tiny))  # (B,)
+    # A positive temperature that is 0 or subnormal in float32 divides by the smallest normal: greedy-like.
+    temperature = torch.where(params.greedy, 1.0, params.temperature.clamp(min=FLOAT32_TINY))  # (B,)
     scaled = (ordered - ordered[:, :1]) / temperature[:, None]  # (B, V)
     keep = torch.ones_like(scaled, dtype=torch.bool)  # (B, V)
     if any(s.keep_top < vocab_size for s in samplers):
@@ -244,6 +258,7 @@ def _filter_sorted(
         keep &= (mass_before < top_p) | (top_p >= 1)
     if any(s.params.min_p > 0 for s in samplers):
         keep &= scaled >= params.min_p.log()[:, None]  # p / p_max >= min_p, in log space
+    keep[:, 0] = True  # the best token, whatever the filters' float32 rounding did
     return scaled.masked_fill(~keep, -math.inf), ids
 
 
@@ -269,12 +284,12 @@ def _uniforms(samplers: Sequence[SequenceSampler], device: torch.device) -> Tens
 
 
 def _draw(scaled: Tensor, ids: Tensor, uniforms: Tensor) -> Tensor:  # (B,) long
-    """Inverse CDF: the first sorted token whose cumulative weight exceeds u * total."""
+    """Inverse CDF: the first sorted token whose cumulative weight exceeds u * total, always one of 0..V-1."""
     weights = scaled.exp()  # (B, V), the best token has weight 1
     cdf = weights.cumsum(-1)  # (B, V)
     target = uniforms[:, None] * cdf[:, -1:]  # (B, 1)
-    rank = torch.searchsorted(cdf, target, right=True)  # (B, 1)
-    last = (weights > 0).sum(-1, keepdim=True) - 1  # (B, 1) rounding can put target at the total
+    rank = torch.searchsorted(cdf, target, right=True)  # (B, 1) in 0..V
+    last = (weights > 0).sum(-1, keepdim=True).clamp(min=1) - 1  # (B, 1) rounding can put target at the total
     return ids.gather(1, torch.minimum(rank, last)).squeeze(1)
 
 

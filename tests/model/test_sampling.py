@@ -5,6 +5,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from model.sampling import (
     BatchParams,
@@ -17,6 +19,7 @@ from model.sampling import (
 )
 
 V = 256
+F32 = torch.finfo(torch.float32)
 
 
 def sampler(vocab: int = V, **kwargs: object) -> SequenceSampler:
@@ -40,12 +43,34 @@ def test_greedy_is_argmax_with_ties_to_the_lowest_id() -> None:
     assert int(result.tokens[0]) == 3
 
 
+def test_tiny_temperatures_are_greedy_like() -> None:
+    logits = random_logits(64, seed=10)  # (64, V), a clear best token in each row
+    greedy = sample_batch(logits, [sampler(temperature=0) for _ in range(64)]).tokens
+    assert torch.equal(greedy, logits.argmax(-1))
+    for temperature in (1e-50, 1e-40):  # 0 in float32, and a float32 subnormal
+        probs = process_logits(logits[:1], [sampler(temperature=temperature)]).softmax(-1)  # (1, V)
+        assert torch.equal(probs[0], torch.nn.functional.one_hot(greedy[0], V).float())
+        samplers = [sampler(temperature=temperature, seed=seed) for seed in range(64)]  # a seed per row
+        for _ in range(5):
+            assert torch.equal(sample_batch(logits, samplers).tokens, greedy)
+
+
 @pytest.mark.parametrize("params", [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}, {"filter_thres": 0.999}])
 def test_filters_at_their_limit_equal_greedy(params: dict[str, float]) -> None:
     logits = random_logits(8, seed=1)
     samplers = [sampler(seed=i, **params) for i in range(8)]
     for _ in range(5):
         assert torch.equal(sample_batch(logits, samplers).tokens, logits.argmax(-1))
+
+
+def test_the_best_token_survives_a_top_p_that_is_zero_in_float32() -> None:
+    logits = random_logits(1, seed=11)
+    s = sampler(seed=1)
+    s.params = SamplingParams(top_p=1e-46, seed=1)  # past validate(), which refuses it
+    result = sample_batch(logits, [s])
+    assert result.tokens.tolist() == logits.argmax(-1).tolist()
+    assert result.errors == [None]
+    assert process_logits(logits, [s]).isfinite().sum() == 1
 
 
 def test_top_k_keeps_the_k_best() -> None:
@@ -185,12 +210,29 @@ def test_a_non_finite_row_fails_alone(bad: float, message: str) -> None:
     assert re.search(message, result.errors[1])
 
 
-def test_penalty_overflow_fails_the_row() -> None:
-    s = sampler(4, repetition_penalty=1e-38)
-    s.observe_prompt([0])
-    result = sample_batch(torch.tensor([[1e3, 0.0, 0.0, 0.0]]), [s])
-    assert result.tokens.tolist() == [-1]
-    assert result.errors[0] is not None and "overflow" in result.errors[0]
+def test_penalties_are_clamped_to_the_float32_range() -> None:
+    logits = torch.tensor([[1e3, -1e3, -math.inf, 2.0]]).expand(2, 4)  # (2, 4), token 2 masked
+    seen = torch.ones(2, 4, dtype=torch.bool)
+    counts = torch.tensor([[0, 0, 0, 1], [0, 0, 0, 0]])
+    samplers = [sampler(4, repetition_penalty=F32.tiny, frequency_penalty=-2.0), sampler(4, repetition_penalty=F32.max)]
+    out = apply_penalties(logits, seen, counts, BatchParams.from_samplers(samplers, logits.device))
+    tiny, most = F32.tiny, F32.max
+    expected = [[most, -1e3 * tiny, -math.inf, 2 / tiny], [1e3 / most, -most, -math.inf, 2 / most]]
+    torch.testing.assert_close(out, torch.tensor(expected))
+
+
+def test_a_penalty_past_the_float32_range_does_not_fail_the_row() -> None:
+    samplers = [
+        sampler(4, temperature=0, repetition_penalty=F32.tiny),
+        sampler(4, temperature=0, repetition_penalty=F32.max),
+        sampler(4, repetition_penalty=F32.max, seed=0),  # a sampled row: the batch takes the filtering path
+    ]
+    for s in samplers:
+        s.observe_prompt([0, 1, 2, 3])
+    logits = torch.tensor([[1e3, 1.0, 0.0, 0.0], [-1e3, -2e3, -3e3, -4e3], [-1e3, -2e3, -3e3, -4e3]])  # (3, 4)
+    result = sample_batch(logits, samplers)  # row 0: 1e3 / tiny is past float32 max; rows 1, 2: all past -max
+    assert result.errors == [None, None, None]
+    assert result.tokens[:2].tolist() == [0, 0]  # row 1: a four-way tie at -max, the lowest id wins
 
 
 def test_logprobs_come_from_the_raw_logits() -> None:
@@ -241,9 +283,29 @@ def test_validate_names_the_bad_param(field: str, value: float) -> None:
         SequenceSampler(params, V)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("top_p", 1e-46, "at least 1.2e-38 (the smallest normal float32), got 1e-46"),
+        ("top_p", math.nextafter(F32.tiny, 0), "smallest normal float32"),
+        ("repetition_penalty", 1e-39, "smallest normal float32"),
+        ("repetition_penalty", 1e-46, "smallest normal float32"),
+        ("repetition_penalty", 1e39, "largest"),
+        ("temperature", 1e39, "at most 3.4e+38 (the largest float32), got 1e+39"),
+        ("temperature", math.nextafter(F32.max, math.inf), "largest float32"),
+    ],
+)
+def test_validate_refuses_what_float32_cannot_hold(field: str, value: float, reason: str) -> None:
+    with pytest.raises(SamplingError, match=re.escape(reason)) as error:
+        SamplingParams(**{field: value}).validate()  # type: ignore[arg-type]
+    assert error.value.param == field
+
+
 def test_defaults_and_edges_are_valid() -> None:
     SamplingParams().validate()
     SamplingParams(temperature=0, top_p=1.0, min_p=1.0, filter_thres=0.0, logprobs=20, seed=-1).validate()
+    SamplingParams(temperature=1e-50, top_p=F32.tiny, repetition_penalty=F32.tiny).validate()
+    SamplingParams(temperature=F32.max, repetition_penalty=F32.max).validate()
 
 
 def test_mismatched_inputs_are_rejected() -> None:
@@ -256,3 +318,76 @@ def test_mismatched_inputs_are_rejected() -> None:
         sample_batch(random_logits(1, vocab=10), [s])
     with pytest.raises(ValueError, match="prompt token ids"):
         s.observe_prompt([V])
+
+
+HYPOTHESIS_V = 16
+FLOAT32_EDGES = [1e-50, 5e-324, 1e-46, 1e-40, F32.tiny, math.nextafter(F32.tiny, 0), math.nextafter(F32.tiny, 1)]
+FLOAT32_EDGES += [0.0, 0.5, 1.0, 2.0, F32.max, math.nextafter(F32.max, 0), math.nextafter(F32.max, math.inf), 1e39]
+EDGES = FLOAT32_EDGES + [-edge for edge in FLOAT32_EDGES]
+ACCEPTED = {  # the ranges validate() lets through; the sampling property draws from all of them
+    "temperature": (0.0, F32.max),  # temperatures that are 0 or subnormal in float32 too
+    "top_p": (F32.tiny, 1.0),
+    "min_p": (0.0, 1.0),
+    "repetition_penalty": (F32.tiny, F32.max),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "filter_thres": (0.0, math.nextafter(1.0, 0)),
+}
+
+
+@given(field=st.sampled_from(sorted(ACCEPTED)), value=st.floats() | st.sampled_from(EDGES))
+def test_validate_accepts_only_what_float32_holds(field: str, value: float) -> None:
+    """Any double, subnormals and float32 limits included, is refused naming its field or is in its range."""
+    low, high = ACCEPTED[field]
+    try:
+        SamplingParams(**{field: value}).validate()  # type: ignore[arg-type]
+    except SamplingError as error:
+        assert error.param == field
+        assert not low <= value <= high
+    else:
+        assert low <= value <= high
+
+
+def accepted(field: str) -> st.SearchStrategy[float]:
+    """Every double the field accepts (subnormals included), with the float32 limits made likely."""
+    low, high = ACCEPTED[field]
+    return st.floats(low, high) | st.sampled_from([edge for edge in EDGES if low <= edge <= high])
+
+
+@st.composite
+def valid_params(draw: st.DrawFn) -> SamplingParams:
+    floats = {field: draw(accepted(field)) for field in ACCEPTED if field != "filter_thres"}
+    return SamplingParams(
+        **floats,
+        top_k=draw(st.integers(min_value=0)),
+        filter_thres=draw(st.none() | accepted("filter_thres")),
+        seed=draw(st.integers(-(2**63), 2**64 - 1)),
+    )
+
+
+EXTREME_LOGITS = [F32.max, -F32.max, 3e38, -3e38, F32.tiny, -F32.tiny, 1e-45, 0.0, -0.0, 1.0, -1.0]
+LOGIT = st.floats(-F32.max, F32.max, width=32) | st.sampled_from(EXTREME_LOGITS)
+ROW = st.tuples(
+    valid_params(),
+    st.lists(LOGIT, min_size=HYPOTHESIS_V, max_size=HYPOTHESIS_V),  # repeated extremes make ties
+    st.lists(st.integers(0, HYPOTHESIS_V - 1), max_size=HYPOTHESIS_V),  # prompt tokens, for the penalties
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(ROW, min_size=1, max_size=3))
+def test_valid_params_never_fail_a_step_and_each_row_samples_as_alone(
+    rows: list[tuple[SamplingParams, list[float], list[int]]],
+) -> None:
+    logits = torch.tensor([row_logits for _, row_logits, _ in rows])  # (B, 16) finite float32
+    batched = [SequenceSampler(params, HYPOTHESIS_V) for params, _, _ in rows]  # validates
+    alone = [SequenceSampler(params, HYPOTHESIS_V) for params, _, _ in rows]
+    for (_, _, prompt), s, solo in zip(rows, batched, alone, strict=True):
+        s.observe_prompt(prompt)
+        solo.observe_prompt(prompt)
+    for _ in range(2):  # the second step also sees the first step's counts
+        result = sample_batch(logits, batched)
+        assert result.errors == [None] * len(rows)
+        assert ((result.tokens >= 0) & (result.tokens < HYPOTHESIS_V)).all()
+        solo_tokens = [int(sample_batch(logits[row : row + 1], [s]).tokens[0]) for row, s in enumerate(alone)]
+        assert result.tokens.tolist() == solo_tokens
