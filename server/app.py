@@ -13,20 +13,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
 from server.engine import Engine
-from server.errors import Unavailable, error_response, install_error_handlers
+from server.errors import install_error_handlers
+from server.faults import FaultInjector
+from server.gate import RequestGate, open_without_key
 from server.metrics import Metrics
+from server.openapi import install_openapi
+from server.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.routes import completions, health, models, tokens
 from server.state import ServerState
 from weights.io import load_checkpoint
 
 logger = logging.getLogger("windowlm.server")
-
-ENDPOINTS = {"/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/ready", "/metrics"}
-ALWAYS_OPEN = {"/health", "/ready", "/metrics"}  # answered while draining
 
 
 def load_engine(settings: Settings, metrics: Metrics) -> Engine:
@@ -40,6 +40,9 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         max_queue=settings.max_queue,
         metrics=metrics,
         prefill_chunk=settings.prefill_chunk,
+        stream_buffer=settings.stream_buffer,
+        stall_timeout=settings.stall_timeout,
+        faults=FaultInjector.from_environment(),
     )
 
 
@@ -54,46 +57,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.engine.stop()
 
 
-class RequestMetricsMiddleware:
-    """Counts every HTTP request by endpoint and status; refuses new work with 503 while draining."""
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
-        status = 500
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            if self.state.draining and path not in ALWAYS_OPEN:
-                await error_response(Unavailable("the server is shutting down"))(scope, receive, send_and_record)
-            else:
-                await self.app(scope, receive, send_and_record)
-        finally:
-            self.state.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            if status in (400, 422):
-                self.state.metrics.request_failures.labels(reason="validation").inc()
-
-
-def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
-    state = ServerState(settings=settings, metrics=Metrics() if metrics is None else metrics)
+def create_app(
+    settings: Settings, metrics: Metrics | None = None, api_key_digests: list[bytes] | None = None
+) -> FastAPI:
+    """The app of `settings`; API keys are those of the settings unless their digests are given."""
+    digests = settings.api_key_digests() if api_key_digests is None else api_key_digests
+    state = ServerState(settings=settings, metrics=Metrics() if metrics is None else metrics, api_key_digests=digests)
     app = FastAPI(title="windowlm", version="0.1.0", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
     for router in (completions.router, models.router, tokens.router, health.router):
         app.include_router(router)
-    app.add_middleware(RequestMetricsMiddleware, state=state)
+    app.add_middleware(RequestGate, state=state)
+    open_paths = open_without_key(settings) if digests else None
+    install_openapi(
+        app, [CompletionRequest, TokenizeRequest, DetokenizeRequest], settings.served_model_name(), open_paths
+    )
     return app
 
 

@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -61,12 +61,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(weights: Path, port: int, max_batch_size: int) -> subprocess.Popen:
+def start_server(
+    weights: Path, port: int, max_batch_size: int, *flags: str, log: IO[str] | None = None
+) -> subprocess.Popen:
+    """`windowlm serve` on 127.0.0.1:`port` with more `flags`, its output to `log` (default: nowhere), once ready."""
     command = [sys.executable, "-m", "server.cli", "serve", "--weights", str(weights), "--port", str(port)]
-    command += ["--model-name", MODEL_ID, "--max-batch-size", str(max_batch_size), "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command += ["--model-name", MODEL_ID, "--max-batch-size", str(max_batch_size), "--log-level", "warning", *flags]
+    process = subprocess.Popen(command, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before it was ready")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1):
                 return process

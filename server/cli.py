@@ -11,6 +11,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     from server.bench import add_bench_arguments
     from server.bench_serve import add_serve_bench_arguments
+    from server.bench_soak import add_soak_bench_arguments
+    from server.config import add_settings_arguments
     from weights.convert import add_convert_arguments
     from weights.train import add_train_arguments
 
@@ -18,20 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP server (flags override WINDOWLM_* variables)")
-    serve.add_argument("--weights", help="checkpoint folder (default: the bundled model)")
-    serve.add_argument("--model-name", help="model id in the API (default: the checkpoint folder's name)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    serve.add_argument("--max-batch-size", type=int, help="KV cache slots: sequences decoded together")
-    serve.add_argument("--max-queue", type=int, help="waiting requests before new ones get 429")
-    serve.add_argument("--max-n", type=int, help="largest n (choices per request)")
-    serve.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill step")
-    serve.add_argument("--api-key", help="require Authorization: Bearer KEY")
-    serve.add_argument("--drain-timeout", type=float, help="seconds streams may run on after SIGTERM")
-    serve.add_argument("--ping-interval", type=float, help="seconds between SSE pings on an idle stream")
-    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    add_settings_arguments(serve)
 
     generate = commands.add_parser("generate", help="stream a completion of a prompt to stdout")
     generate.add_argument("prompt")
@@ -54,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_kinds = bench.add_subparsers(dest="bench", required=True)
     add_bench_arguments(bench_kinds.add_parser("decode", help="decode speed and memory of the sliding cache"))
     add_serve_bench_arguments(bench_kinds.add_parser("serve", help="the HTTP path under concurrent streams"))
+    add_soak_bench_arguments(bench_kinds.add_parser("soak", help="a bounded load of careless and hostile clients"))
     return parser
 
 
@@ -107,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from server.bench import run_decode_bench
         from server.bench_serve import run_serve_bench
+        from server.bench_soak import run_soak_bench
 
-        run = run_decode_bench if args.bench == "decode" else run_serve_bench
+        run = {"decode": run_decode_bench, "serve": run_serve_bench, "soak": run_soak_bench}[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0
     if args.command == "generate":

@@ -12,31 +12,30 @@ from dataclasses import dataclass, field
 
 from model.sampling import SamplingError, SamplingParams
 from model.stopping import StopMatcher
-from model.tokenizer import VOCAB_SIZE, ByteTokenizer, IncrementalDecoder
-from server.engine import Engine, EngineRequest, FinishEvent, TokenEvent
+from model.tokenizer import ByteTokenizer, IncrementalDecoder
+from server.config import Settings
+from server.engine import Engine
+from server.engine_request import EngineRequest, FinishEvent, TokenEvent
 from server.errors import InvalidRequest
 from server.protocol import CompletionRequest, Logprobs
 
 tokenizer = ByteTokenizer()
+LOWEST_LOGPROB = -9999.0  # JSON has no -Infinity: a token of probability 0 in float32 reports this
 
 
-def prompt_token_lists(prompt: str | list) -> list[list[int]]:
-    """The request's prompt as one or more lists of token ids."""
+def prompt_token_lists(prompt: str | list, max_tokens: int) -> list[list[int]]:
+    """The request's validated prompt as one or more lists of token ids, each at most `max_tokens` long."""
     if isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt)]
-    elif prompt and all(isinstance(item, int) for item in prompt):
-        prompts = [list(prompt)]
-    elif prompt and all(isinstance(item, str) for item in prompt):
-        prompts = [tokenizer.encode(item) for item in prompt]
-    elif prompt and all(isinstance(item, list) for item in prompt):
-        prompts = [list(item) for item in prompt]
+    elif isinstance(prompt[0], int):
+        prompts = [prompt]
     else:
-        raise InvalidRequest("prompt must be a string, a list of strings, or token ids", param="prompt")
+        prompts = [tokenizer.encode(item) if isinstance(item, str) else item for item in prompt]
     for ids in prompts:
         if not ids:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        if any(not 0 <= token < VOCAB_SIZE for token in ids):
-            raise InvalidRequest(f"prompt token ids must be in 0..{VOCAB_SIZE - 1}", param="prompt")
+        if len(ids) > max_tokens:
+            raise InvalidRequest(f"a prompt has {len(ids)} tokens; this server's limit is {max_tokens}", param="prompt")
     return prompts
 
 
@@ -64,20 +63,37 @@ def sampling_params(body: CompletionRequest, choice: int) -> SamplingParams:
     return params
 
 
+def generation_length(body: CompletionRequest, settings: Settings) -> int:
+    """max_tokens, within the server's limit (over it: 400, or the limit when the server clamps)."""
+    wanted = 16 if body.max_tokens is None else body.max_tokens
+    if wanted <= settings.max_tokens_limit:
+        return wanted
+    if settings.clamp_max_tokens:
+        return settings.max_tokens_limit
+    raise InvalidRequest(f"max_tokens must be at most {settings.max_tokens_limit}", param="max_tokens")
+
+
 def engine_requests(
-    body: CompletionRequest, engine: Engine, max_n: int, loop: asyncio.AbstractEventLoop
+    body: CompletionRequest, engine: Engine, settings: Settings, loop: asyncio.AbstractEventLoop
 ) -> tuple[list[list[int]], list[EngineRequest]]:
-    """Validate the request against the model and build one engine request per choice, sharing one queue."""
-    if body.n > max_n:
-        raise InvalidRequest(f"n must be at most {max_n}", param="n")
-    prompts = prompt_token_lists(body.prompt)
+    """Validate the request against the model and the server's limits, and build one engine request per choice,
+    sharing one queue."""
+    if body.n > settings.max_n:
+        raise InvalidRequest(f"n must be at most {settings.max_n}", param="n")
+    max_tokens = generation_length(body, settings)
+    prompts = prompt_token_lists(body.prompt, settings.max_prompt_tokens)
     limit = engine.context_limit
     for ids in prompts:
         if limit is not None and len(ids) > limit:
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens", param="prompt"
             )
-    if len(prompts) * body.n > engine.max_batch_size + engine.max_queue:
+    sequences = len(prompts) * body.n
+    if sequences > settings.max_sequences:
+        raise InvalidRequest(
+            f"{len(prompts)} prompts x n={body.n} is {sequences} sequences; at most {settings.max_sequences}", param="n"
+        )
+    if sequences > engine.max_batch_size + engine.max_queue:
         raise InvalidRequest(
             f"{len(prompts)} prompts x n={body.n} sequences can never fit this server's "
             f"{engine.max_batch_size} slots and {engine.max_queue} queue places",
@@ -89,7 +105,7 @@ def engine_requests(
         for sample in range(body.n):
             index = prompt_index * body.n + sample
             params = sampling_params(body, index)
-            requests.append(EngineRequest(ids, params, body.max_tokens or 16, loop, events, tag=index))
+            requests.append(EngineRequest(ids, params, max_tokens, loop, events, tag=index))
     return prompts, requests
 
 
@@ -127,8 +143,10 @@ class ChoiceText:
         if self.want_logprobs:
             logprobs = delta.logprobs if delta.logprobs is not None else Logprobs()
             logprobs.tokens.append(token_text(event.token))
-            logprobs.token_logprobs.append(event.logprob)
-            logprobs.top_logprobs.append({token_text(token): value for token, value in event.top_logprobs})
+            logprobs.token_logprobs.append(max(event.logprob, LOWEST_LOGPROB))
+            logprobs.top_logprobs.append(
+                {token_text(token): max(value, LOWEST_LOGPROB) for token, value in event.top_logprobs}
+            )
             logprobs.text_offset.append(self.text_offset)
             delta.logprobs = logprobs
         self.text_offset += len(text)
@@ -181,6 +199,8 @@ async def run_choices(
                 if item is IDLE:
                     continue
                 index, event = item
+                if isinstance(event, TokenEvent):
+                    requests_by_index[index].mark_delivered(1)
                 if index not in open_choices:
                     continue
                 choice, delta = by_index[index], deltas.setdefault(index, ChoiceDelta(index))
@@ -204,7 +224,9 @@ IDLE = object()  # put on a request's event queue at every beat, so a stream wai
 
 
 async def beat(events: asyncio.Queue, seconds: float) -> None:
-    """One timer per stream (not one per token): wake the stream's reader every `seconds`."""
+    """One timer per stream (not one per token): wake the stream's reader every `seconds` it has nothing to
+    read (a reader that is not reading does not need more wake-ups queued)."""
     while True:
         await asyncio.sleep(seconds)
-        events.put_nowait(IDLE)
+        if events.empty():
+            events.put_nowait(IDLE)

@@ -1,15 +1,24 @@
-"""Server settings: one pydantic-settings class, read from WINDOWLM_* variables and overridden by CLI flags."""
+"""Server settings: one pydantic-settings class, read from WINDOWLM_* variables and overridden by CLI flags.
+
+The command line derives its `windowlm serve` flags from this class (`add_settings_arguments`), so a setting is
+declared once, here. Every limit on what a client controls is a setting with a safe default.
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import types
+import typing
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
+MiB = 1024 * 1024
 
 
 class Settings(BaseSettings):
@@ -17,18 +26,45 @@ class Settings(BaseSettings):
 
     weights: Path = Field(BUNDLED_WEIGHTS, description="checkpoint folder (config.json + model.safetensors)")
     model_name: str | None = Field(None, description="model id in the API (default: the checkpoint folder's name)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+    )
     max_batch_size: int = Field(32, ge=1, description="KV cache slots: sequences decoded together")
-    max_queue: int = Field(256, ge=0, description="requests waiting for a slot before new ones get 429")
-    max_n: int = Field(8, ge=1, description="largest n (choices per request)")
-    prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens per prefill step (window multiple)")
-    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` on /v1 and token routes")
+    max_queue: int = Field(256, ge=0, description="sequences waiting for a slot before new requests get 429")
+    max_n: int = Field(8, ge=1, description="largest n (choices per prompt)")
+    max_sequences: int = Field(64, ge=1, description="largest number of prompts x n in one request")
+    max_prompt_tokens: int = Field(65536, ge=1, description="longest prompt in tokens (a list item or a string)")
+    max_tokens_limit: int = Field(16384, ge=1, description="largest max_tokens a request may ask for")
+    clamp_max_tokens: bool = Field(False, description="clamp max_tokens over the limit instead of answering 400")
+    prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens per prefill step (a window multiple)")
+    api_key: typing.Annotated[list[str], NoDecode] = Field(
+        [], description="require `Authorization: Bearer KEY` (repeatable; the variable takes keys separated by ,)"
+    )
+    api_key_file: Path | None = Field(None, description="file with one API key per line (keeps keys out of ps)")
+    public_metrics: bool = Field(False, description="serve /metrics without the API key")
+    public_docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json without the API key")
+    max_body_bytes: int = Field(4 * MiB, ge=1024, description="largest request body; larger ones get 413")
+    max_header_bytes: int = Field(16384, ge=1024, description="largest request head (request line and headers)")
+    max_headers: int = Field(100, ge=8, description="most header fields in one request")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a connection may take to send a request head")
+    keepalive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    stream_buffer: int = Field(64, ge=1, description="undelivered events a stream may hold before it pauses")
+    stall_timeout: float = Field(120.0, gt=0, description="seconds a paused stream may wait for its reader")
     drain_timeout: float = Field(30.0, ge=0, description="seconds streams in flight may run after SIGTERM")
     ping_interval: float = Field(15.0, gt=0, description="seconds between SSE comment pings on an idle stream")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def split_keys(cls, value: object) -> object:
+        """WINDOWLM_API_KEY='k1,k2' and repeated flags both give a list of keys."""
+        values = [value] if isinstance(value, str) else value
+        if isinstance(values, list):
+            return [key.strip() for item in values for key in str(item).split(",") if key.strip()]
+        return value
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -42,3 +78,45 @@ class Settings(BaseSettings):
 
     def served_model_name(self) -> str:
         return self.model_name or self.weights.resolve().name
+
+    def api_key_digests(self) -> list[bytes]:
+        """SHA-256 digests of every configured key (flag, variable and file); empty when the API is open.
+
+        Raises OSError or ValueError when the key file cannot be read or holds no key."""
+        keys = list(self.api_key)
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text(encoding="utf-8").splitlines()
+            from_file = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not from_file:
+                raise ValueError(f"the API key file {self.api_key_file} holds no key")
+            keys += from_file
+        return [hashlib.sha256(key.encode()).digest() for key in keys]
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, named after it (`max_queue` -> `--max-queue`); values are checked by Settings."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = "none" if field.default is None else field.default
+        text = f"{field.description} (default: {default})"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(annotation) is list:  # the API keys
+            parser.add_argument(flag, action="append", default=None, metavar="KEY", help=text)
+        elif typing.get_origin(annotation) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(annotation), default=None, help=text)
+        else:
+            parser.add_argument(flag, default=None, metavar=_metavar(annotation), help=text)
+
+
+def _metavar(annotation: object) -> str:
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    kind = next(kind for kind in kinds if kind is not type(None))
+    return {int: "N", float: "SECONDS", Path: "PATH"}.get(kind, "TEXT")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from WINDOWLM_* variables, overridden by the flags given."""
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**overrides)

@@ -9,24 +9,29 @@ each request's asyncio queue. One step of the loop:
     3. advance every prompt still being read by at most one prefill chunk, so a long prompt never holds up the
        running streams for more than one chunk; a prompt that is done samples its first token;
     4. one batched decode step over every slot that is generating, one new token each.
+
+A slot whose reader has fallen `stream_buffer` token events behind is paused: it keeps its place and its cache
+but skips decode steps until its reader catches up, and is ended after `stall_timeout` seconds of waiting.
+An exception inside a step fails only the requests it belongs to (a failed batched step is retried slot by
+slot to find them); an exception anywhere else ends the loop, and `failure` says why.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from model.generate import Decoder
-from model.sampling import SamplingParams, SequenceSampler, sample_batch
+from model.sampling import SequenceSampler
 from model.transformer import LocalTransformer
+from server.engine_request import EngineRequest, FinishEvent, TokenEvent
+from server.faults import FaultInjector
 from server.metrics import Metrics
+from server.runner import ModelRunner
 
 logger = logging.getLogger("windowlm.engine")
 
@@ -37,58 +42,6 @@ class EngineOverloaded(Exception):
 
 class EngineStopped(Exception):
     """The engine is not running (draining, stopped or dead)."""
-
-
-@dataclass
-class TokenEvent:
-    token: int
-    logprob: float
-    top_logprobs: list[tuple[int, float]]
-
-
-@dataclass
-class FinishEvent:
-    reason: str  # "stop" | "length" | "cancelled" | "error"
-    message: str | None = None
-
-
-_request_ids = itertools.count()
-
-
-@dataclass(eq=False)
-class EngineRequest:
-    """One sequence to generate; its events arrive on `events` in the event loop that created it."""
-
-    prompt: list[int]
-    params: SamplingParams
-    max_tokens: int
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue  # receives (tag, event) pairs; several requests may share one queue
-    tag: int = 0
-    id: int = field(default_factory=lambda: next(_request_ids))
-    cancelled: bool = False
-    stop_requested: bool = False  # ended by its client at a stop sequence: a normal end, not a failure
-    finished: bool = False
-    arrived_at: float = field(default_factory=time.perf_counter)
-    started_at: float | None = None
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    generated: int = 0
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request; it frees its slot at the next step."""
-        self.cancelled = True
-
-    def stop(self) -> None:
-        """End the request early because its text reached a stop sequence."""
-        self.stop_requested = True
-
-    def emit(self, event: TokenEvent | FinishEvent) -> None:
-        """Hand an event to the request's event loop (called from the engine thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.tag, event))
-        except RuntimeError:  # that event loop has closed: nobody listens any more, so stop generating
-            self.cancelled = True
 
 
 @dataclass
@@ -110,13 +63,17 @@ class Engine:
         max_queue: int,
         metrics: Metrics,
         prefill_chunk: int | None = None,
+        stream_buffer: int = 64,
+        stall_timeout: float = 120.0,
+        faults: FaultInjector | None = None,
     ) -> None:
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.decoder = Decoder(model, num_slots=max_batch_size, prefill_chunk=prefill_chunk)
+        self.runner = ModelRunner(model, num_slots=max_batch_size, prefill_chunk=prefill_chunk, faults=faults)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics
+        self.stream_buffer = stream_buffer
+        self.stall_timeout = stall_timeout
+        self.faults = faults
         self.slots: list[Slot | None] = [None] * max_batch_size
         self.waiting: deque[EngineRequest] = deque()
         self.wakeup = threading.Condition()
@@ -128,7 +85,7 @@ class Engine:
 
     @property
     def context_limit(self) -> int | None:
-        return self.decoder.context_limit
+        return self.runner.context_limit
 
     @property
     def alive(self) -> bool:
@@ -169,6 +126,8 @@ class Engine:
             in_use = sum(slot is not None for slot in self.slots)
             if len(self.waiting) + len(requests) > self.max_batch_size - in_use + self.max_queue:
                 raise EngineOverloaded(f"{in_use} of {self.max_batch_size} slots busy and {len(self.waiting)} waiting")
+            for request in requests:
+                request.wake_engine = self.wake
             self.waiting.extend(requests)
             self.metrics.requests_waiting.set(len(self.waiting))
             self.wakeup.notify()
@@ -200,7 +159,9 @@ class Engine:
                         self.wakeup.wait()
                     if not self.running:
                         break
-                self.step()
+                if not self.step():  # every slot waits for its reader: sleep until one reads (or a moment)
+                    with self.wakeup:
+                        self.wakeup.wait(0.05)
         except BaseException as error:  # the loop is dead: say so to /health and to every request
             logger.exception("engine loop failed")
             self.failure = error
@@ -211,12 +172,14 @@ class Engine:
                 if not request.finished:
                     request.emit(FinishEvent("error", message))
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One round of the loop; False when it had nothing to do but wait for readers."""
         self.release_finished()
         self.admit()
-        self.prefill()
-        self.decode()
+        read = self.prefill()
+        decoded = self.decode()
         self.update_gauges()
+        return read or decoded
 
     def release_finished(self) -> None:
         for index, slot in enumerate(self.slots):
@@ -234,7 +197,16 @@ class Engine:
         with self.wakeup:  # only the queue under the lock: the event loop's submit waits for it
             admitted = [(index, request) for index in free if (request := self.next_waiting()) is not None]
         for index, request in admitted:
-            self.slots[index] = self.start_request(index, request)
+            try:
+                self.slots[index] = self.start_request(index, request)
+            except Exception as error:  # e.g. parameters the sampler refuses: this request fails alone
+                logger.exception("starting request %d failed", request.id)
+                request.finished = True
+                request.emit(FinishEvent("error", f"the request could not start: {error}"))
+                self.metrics.request_failures.labels(reason="error").inc()
+                continue
+            if self.faults is not None:
+                self.faults.check_admission(request)
 
     def next_waiting(self) -> EngineRequest | None:
         while self.waiting:
@@ -249,53 +221,68 @@ class Engine:
     def start_request(self, index: int, request: EngineRequest) -> Slot:
         request.started_at = time.perf_counter()
         self.metrics.queue_time.observe(request.started_at - request.arrived_at)
-        sampler = SequenceSampler(request.params, self.model.num_tokens, device=self.device)
-        sampler.observe_prompt(request.prompt)
-        self.decoder.reset(index)
-        return Slot(request=request, sampler=sampler)
+        return Slot(request=request, sampler=self.runner.start(index, request.params, request.prompt))
 
-    def prefill(self) -> None:
+    def prefill(self) -> bool:
+        """Read one chunk of every prompt still being read; a prompt that fails to read fails alone."""
+        read = False
         for index, slot in enumerate(self.slots):
             if slot is None or slot.prefilled == len(slot.request.prompt):
                 continue
             prompt = slot.request.prompt
-            end = self.decoder.chunk_end(slot.prefilled, len(prompt))
-            chunk = torch.tensor(prompt[slot.prefilled : end], device=self.device)
+            end = self.runner.chunk_end(slot.prefilled, len(prompt))
+            chunk = prompt[slot.prefilled : end]
             try:
-                logits = self.decoder.read_chunk(index, chunk)[None]  # (1, V)
-            except ValueError as error:  # this prompt cannot be read (e.g. past the context): fail it alone
-                self.finish(index, "error", str(error))
+                logits = self.runner.read_chunk(index, chunk)  # (1, V)
+            except Exception as error:  # this prompt cannot be read: fail it alone
+                logger.exception("reading the prompt of request %d failed", slot.request.id)
+                self.finish(index, "error", f"reading the prompt failed: {error}")
                 continue
+            read = True
             slot.prefilled = end
             self.metrics.prompt_tokens_total.inc(len(chunk))
             if slot.prefilled == len(prompt):
                 self.sample([index], logits)
+        return read
 
-    def decode(self) -> None:
-        """One token for every generating slot. Slots are admitted lowest index first, so the generating ones
-        mostly fill a prefix: the step runs over slots [0, highest generating] in place, and the few slots in
-        that range that are free or still reading their prompt ride along without advancing."""
-        generating = [i for i, slot in enumerate(self.slots) if slot is not None and slot.next_token is not None]
+    def decode(self) -> bool:
+        """One token for every generating slot whose reader keeps up; False when no slot could go on."""
+        generating = [
+            i
+            for i, slot in enumerate(self.slots)
+            if slot is not None and slot.next_token is not None and not self.waits_for_reader(i, slot)
+        ]
         if not generating:
-            return
+            return False
         started = time.perf_counter()
-        span = generating[-1] + 1
-        if len(generating) == span:  # every slot of the range takes a token
-            tokens, advance = torch.tensor([self.slots[i].next_token for i in generating]), None
-        else:
-            tokens = torch.zeros(span, dtype=torch.long)
-            tokens[generating] = torch.tensor([self.slots[i].next_token for i in generating])
-            advance = torch.zeros(span, dtype=torch.bool, device=self.device)
-            advance[generating] = True
-        logits = self.decoder.decode(slice(0, span), tokens.to(self.device), advance)
-        self.sample(generating, logits[generating] if len(generating) < span else logits)
+        slots = [self.slots[i] for i in generating]
+        requests = [slot.request for slot in slots]
+        ran, logits, errors = self.runner.decode(generating, [slot.next_token for slot in slots], requests)
+        for index, message in errors.items():
+            self.finish(index, "error", message)
+        if ran:
+            self.sample(ran, logits)
         self.metrics.decode_step_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(generating))
+        return True
+
+    def waits_for_reader(self, index: int, slot: Slot) -> bool:
+        """Whether the slot's reader is `stream_buffer` events behind; past `stall_timeout` it is ended."""
+        request = slot.request
+        if request.undelivered < self.stream_buffer:
+            request.paused_since = None
+            return False
+        now = time.monotonic()
+        if request.paused_since is None:
+            request.paused_since = now
+        elif now - request.paused_since > self.stall_timeout:
+            self.finish(index, "stalled", f"the client read nothing for {self.stall_timeout:g} s")
+        return True
 
     def sample(self, indices: list[int], logits: torch.Tensor) -> None:
         """Sample one token for each of the slots `indices` from logits (B, V) and hand it over."""
         slots = [self.slots[i] for i in indices]
-        result = sample_batch(logits, [slot.sampler for slot in slots])
+        result = self.runner.sample([slot.sampler for slot in slots], logits)
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()  # one device sync for the batch
         now = time.perf_counter()
         limit = self.context_limit
@@ -327,9 +314,9 @@ class Engine:
         request.finished = True
         slot.next_token = None
         self.slots[index] = None  # free before telling the client, who may send its next request at once
-        if reason != "cancelled":
-            request.emit(FinishEvent(reason, message))
-        if reason in ("cancelled", "error"):
+        if reason != "cancelled":  # a stalled request ends with an error its reader may still see
+            request.emit(FinishEvent("error" if reason == "stalled" else reason, message))
+        if reason in ("cancelled", "error", "stalled"):
             self.metrics.request_failures.labels(reason=reason).inc()
         now = time.perf_counter()
         self.metrics.e2e_latency.observe(now - request.arrived_at)

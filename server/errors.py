@@ -23,6 +23,9 @@ class APIError(Exception):
     def body(self) -> dict:
         return error_body(self.message, self.error_type, self.param, self.code)
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
 
 class InvalidRequest(APIError):
     status_code = 400
@@ -32,6 +35,9 @@ class InvalidRequest(APIError):
 class Unauthorized(APIError):
     status_code = 401
     error_type = "authentication_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(APIError):
@@ -44,6 +50,9 @@ class Overloaded(APIError):
     error_type = "rate_limit_error"
     retry_after_seconds = 1
 
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
 
 class Unavailable(APIError):
     status_code = 503
@@ -54,15 +63,12 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
-def error_response(error: APIError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, Overloaded) else None
+def error_response(error: APIError, *, headers: dict[str, str] | None = None, close: bool = False) -> JSONResponse:
+    """The JSON response of an error; `close` ends the connection after it (the request body was not read)."""
+    headers = {**error.headers(), **(headers or {})}
+    if close:
+        headers["Connection"] = "close"
     return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
-
-
-def validation_param(location: tuple) -> str | None:
-    """The request field an error is about: ('body', 'stop', 2) -> 'stop'."""
-    parts = [str(part) for part in location if part not in ("body", "query", "path")]
-    return parts[0] if parts else None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -71,18 +77,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid_parameters(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        param = validation_param(tuple(first.get("loc", ())))
+        parts = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        param = parts[0] if parts else None
         message = first.get("msg", "invalid request")
-        if param is not None:
-            message = f"{param}: {message}"
-        return error_response(InvalidRequest(message, param=param))
+        return error_response(InvalidRequest(f"{param}: {message}" if param else message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own errors (404 for an unknown path, 405 with its Allow header) in the OpenAI shape."""
         kind = {404: NotFound, 401: Unauthorized}.get(error.status_code, InvalidRequest)
-        response = error_response(kind(str(error.detail)))
+        response = error_response(kind(str(error.detail)), headers=dict(error.headers or {}))
         response.status_code = error.status_code
         return response
 

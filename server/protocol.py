@@ -1,64 +1,129 @@
-"""Request and response bodies of the OpenAI-compatible API."""
+"""Request and response bodies of the OpenAI-compatible API.
+
+Requests are validated strictly (server/body.py): a string or boolean is never taken for a number, nor a number
+for a boolean; unknown fields are refused, so a misspelt parameter is never silently ignored; text must be valid
+Unicode without NUL characters.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+from model.sampling import FLOAT32_MAX, FLOAT32_TINY
+from model.tokenizer import VOCAB_SIZE
+from server.config import Settings
+from server.errors import InvalidRequest
+
+
+def valid_text(text: str) -> str:
+    """Text the tokenizer can encode: no lone surrogates (which is also where bytes that were not UTF-8 end
+    up), no NUL characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        problem = f"character {error.start} is a lone surrogate or an invalid byte"
+        raise ValueError(f"must be valid UTF-8 text: {problem}") from None
+    if "\x00" in text:
+        raise ValueError(f"must not contain NUL characters (one at character {text.index(chr(0))})")
+    return text
+
+
+def integral(value: object) -> object:
+    """JSON Schema counts 2.0 as an integer, so it is taken as 2; 2.5, "2" and true stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Text = Annotated[str, AfterValidator(valid_text), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+
+
+def integer(**bounds: int) -> Any:
+    """An integer field within `bounds` (ge, lt, ...) that also takes integral floats such as 2.0."""
+    return Annotated[int, Field(**bounds), BeforeValidator(integral)]
+
+
+TokenId = integer(ge=0, lt=VOCAB_SIZE)
+TokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
+Texts = Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, fail_fast=True)]
+TokenIdLists = Annotated[list[TokenIds], Field(min_length=1, fail_fast=True)]
+Prompt = Annotated[Text, Field(min_length=1)] | Texts | TokenIds | TokenIdLists
+StopText = Annotated[Text, Field(min_length=1)]
+
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields are refused, so a misspelt parameter is never silently ignored."""
+    """POST /v1/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    model: str
+    model: Text
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: integer(ge=1) | None = 16
     temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(0, ge=-1)
+    top_p: float | None = Field(1.0, ge=FLOAT32_TINY, le=1)
+    top_k: integer(ge=-1) | None = 0
     min_p: float | None = Field(0.0, ge=0, le=1)
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(1.0, gt=0)
-    stop: str | list[str] | None = Field(None, validate_default=True)
-    seed: int | None = None
-    n: int = Field(1, ge=1)
+    repetition_penalty: float | None = Field(1.0, ge=FLOAT32_TINY, le=FLOAT32_MAX)
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(None, validate_default=True)
+    seed: integer(ge=-(2**63), lt=2**64) | None = None
+    n: integer(ge=1) = 1
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: integer(ge=0, le=20) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
+
+    @classmethod
+    def check_sizes(cls, data: dict[str, Any], settings: Settings) -> None:
+        """Refuse an over-long prompt from its length alone, before any of its items is validated."""
+        prompt = data.get("prompt")
+        batch = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+        prompts = prompt if batch else [prompt]
+        if len(prompts) > settings.max_sequences:
+            raise InvalidRequest(
+                f"prompt has {len(prompts)} items; at most {settings.max_sequences} prompts per request", param="prompt"
+            )
+        for item in prompts:
+            if isinstance(item, (str, list)) and len(item) > settings.max_prompt_tokens:
+                raise InvalidRequest(
+                    f"a prompt has more than {settings.max_prompt_tokens} tokens, this server's limit", param="prompt"
+                )
 
     @field_validator("stop")
     @classmethod
     def stop_strings(cls, stop: str | list[str] | None) -> list[str]:
-        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not text for text in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
+        return [] if stop is None else [stop] if isinstance(stop, str) else stop
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str
+    model_config = STRICT
+    model: Text | None = None
+    prompt: Text
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
+    model_config = STRICT
+    model: Text | None = None
+    tokens: Annotated[list[TokenId], Field(fail_fast=True)]
+
+
+class TokenizeResponse(BaseModel):
     tokens: list[int]
+    count: int
+    max_model_len: int | None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class Logprobs(BaseModel):

@@ -3,44 +3,39 @@
 The engine runs on the main thread because torch's CPU thread pool is several times faster there; uvicorn
 runs its event loop on a second thread, and the signal handlers (which Python runs on the main thread) reach
 it through that loop.
+
+Start-up fails loudly: bad settings, an unreadable checkpoint or key file, or a port in use end the process
+with one line on stderr and exit status 2 before anything is served. An engine loop that dies ends the process
+with status 1 once its clients have been told, so the orchestrator restarts it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
+import time
 from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
 
 from server.app import create_app, drain, load_engine
-from server.config import Settings
+from server.config import Settings, settings_from
+from server.http_protocol import GuardedH11Protocol, HttpLimits
 from server.state import ServerState
 from weights.io import CheckpointError, read_config
 
 logger = logging.getLogger("windowlm.server")
 
-SETTING_FLAGS = (
-    "weights",
-    "model_name",
-    "host",
-    "port",
-    "device",
-    "dtype",
-    "max_batch_size",
-    "max_queue",
-    "max_n",
-    "prefill_chunk",
-    "api_key",
-    "drain_timeout",
-    "ping_interval",
-    "log_level",
-)
+ENGINE_FAILURE_EXIT = 1
+STARTUP_FAILURE_EXIT = 2
 
 
 class DrainingServer(uvicorn.Server):
@@ -72,30 +67,70 @@ class DrainingServer(uvicorn.Server):
         self.drain_task = asyncio.ensure_future(drain_then_exit())
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None) is not None}
-    return Settings(**overrides)
+class HideQueryStrings(logging.Filter):
+    """Access log lines without query strings: a client may put a secret there, and no route reads one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
+            path, question, _ = record.args[2].partition("?")
+            record.args = (*record.args[:2], path + ("?…" if question else ""), *record.args[3:])
+        return True
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """Bind the server's socket here, on the main thread, so a port in use fails start-up at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def startup_settings(args: argparse.Namespace) -> tuple[Settings, list[bytes]]:
+    """Settings and API key digests, or SystemExit with one line naming what is wrong."""
+    try:
+        settings = settings_from(args)
+        read_config(settings.weights)  # a wrong folder fails here, at once, not after the server started
+        return settings, settings.api_key_digests()
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        raise SystemExit(f"windowlm serve: invalid setting: {problems}") from None
+    except CheckpointError as error:
+        raise SystemExit(f"windowlm serve: {error}") from None
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"windowlm serve: cannot read the API keys: {error}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        settings = settings_from(args)
-        read_config(settings.weights)  # a wrong folder fails here, at once, not after the server started
-    except ValidationError as error:
-        print(f"windowlm serve: invalid setting: {error}", file=sys.stderr)
-        return 2
-    except CheckpointError as error:
-        print(f"windowlm serve: {error}", file=sys.stderr)
-        return 2
+        settings, key_digests = startup_settings(args)
+        sock = listening_socket(settings.host, settings.port)
+    except SystemExit as error:
+        print(error, file=sys.stderr)
+        return STARTUP_FAILURE_EXIT
+    except OSError as error:
+        print(f"windowlm serve: cannot listen on {settings.host}:{settings.port}: {error.strerror}", file=sys.stderr)
+        return STARTUP_FAILURE_EXIT
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(message)s")
+    logging.getLogger("uvicorn.access").addFilter(HideQueryStrings())
 
-    app = create_app(settings)
+    app = create_app(settings, api_key_digests=key_digests)
     state: ServerState = app.state.server
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=5
+        app,
+        log_level=settings.log_level,
+        http=functools.partial(GuardedH11Protocol, limits=HttpLimits.from_settings(settings)),
+        timeout_keep_alive=settings.keepalive_timeout,
+        timeout_graceful_shutdown=5,
     )
     server = DrainingServer(config, state)
-    http = threading.Thread(target=server.run, name="windowlm-http")
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="windowlm-http")
 
     def on_signal(number: int, frame: FrameType | None) -> None:
         if number == signal.SIGTERM:
@@ -108,7 +143,8 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     http.start()
-    print(f"windowlm: serving {settings.served_model_name()} at http://{settings.host}:{settings.port}", flush=True)
+    port = sock.getsockname()[1]
+    print(f"windowlm: serving {settings.served_model_name()} at http://{settings.host}:{port}", flush=True)
     try:
         state.engine = load_engine(settings, state.metrics)
     except Exception as error:
@@ -116,8 +152,21 @@ def run_serve(args: argparse.Namespace) -> int:
         state.load_error = f"{type(error).__name__}: {error}"
         server.should_exit = True
         http.join()
-        return 1
+        return ENGINE_FAILURE_EXIT
     if not server.should_exit:
         state.engine.run_forever()
+    if state.engine.failure is not None:
+        exit_after_engine_failure(server, http)
     http.join()
     return 0
+
+
+def exit_after_engine_failure(server: DrainingServer, http: threading.Thread) -> None:
+    """The engine loop died: give the error events a moment to reach their clients, then leave with status 1
+    whatever the HTTP thread is doing, so a supervisor restarts the process."""
+    logger.critical("the engine loop died; exiting so the process can be restarted")
+    time.sleep(0.5)
+    server.should_exit = True
+    http.join(2.0)
+    logging.shutdown()
+    os._exit(ENGINE_FAILURE_EXIT)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -11,7 +10,7 @@ from fastapi import Depends, Request
 
 from server.config import Settings
 from server.engine import Engine
-from server.errors import Unauthorized, Unavailable
+from server.errors import Unavailable
 from server.metrics import Metrics
 
 
@@ -19,6 +18,7 @@ from server.metrics import Metrics
 class ServerState:
     settings: Settings
     metrics: Metrics
+    api_key_digests: list[bytes] = field(default_factory=list)  # SHA-256 of each API key; empty: no key needed
     engine: Engine | None = None
     load_error: str | None = None
     draining: bool = False
@@ -45,17 +45,6 @@ def get_state(request: Request) -> ServerState:
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]
-
-
-def require_api_key(request: Request, state: StateDep) -> None:
-    """With an API key configured, every API route needs `Authorization: Bearer KEY`."""
-    expected = state.settings.api_key
-    if expected is None:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise Unauthorized("a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
 
 
 def get_engine(state: StateDep) -> Engine:

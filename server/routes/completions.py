@@ -6,32 +6,53 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from model.tokenizer import ByteTokenizer
+from server.body import json_body
 from server.completions import ChoiceDelta, ChoiceText, GenerationFailed, engine_requests, run_choices
-from server.engine import EngineOverloaded, EngineRequest, EngineStopped
+from server.engine import EngineOverloaded, EngineStopped
+from server.engine_request import EngineRequest
 from server.errors import APIError, InvalidRequest, NotFound, Overloaded, Unavailable, error_body
+from server.openapi import error_responses, json_request_body
 from server.protocol import Completion, CompletionChoice, CompletionRequest, Logprobs, Usage
 from server.sse import DONE, PING, EventStreamResponse, sse_data
-from server.state import EngineDep, StateDep, require_api_key
+from server.state import EngineDep, StateDep
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 tokenizer = ByteTokenizer()
+SSE_EVENT = {  # one Server-Sent Event: `data` holds a completion chunk as JSON, an error object, or [DONE]
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+    "required": ["data"],
+}
+STREAM = "A completion, or with `stream: true` Server-Sent Events: `data: {chunk}` lines, then `data: [DONE]`"
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={
+        200: {"model": Completion, "description": STREAM, "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+        **error_responses(400, 404, 429),
+    },
+    openapi_extra=json_request_body(CompletionRequest),
+)
 async def create_completion(
-    body: CompletionRequest, request: Request, state: StateDep, engine: EngineDep
+    body: Annotated[CompletionRequest, Depends(json_body(CompletionRequest))],
+    request: Request,
+    state: StateDep,
+    engine: EngineDep,
 ) -> Response | Completion:
     served = state.settings.served_model_name()
     if body.model != served:
         raise NotFound(f"the model {body.model!r} does not exist; this server runs {served!r}", param="model")
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options needs stream=true", param="stream_options")
-    prompts, requests = engine_requests(body, engine, state.settings.max_n, asyncio.get_running_loop())
+    prompts, requests = engine_requests(body, engine, state.settings, asyncio.get_running_loop())
     try:
         engine.submit(requests)
     except EngineOverloaded as error:

@@ -30,6 +30,11 @@ def ready(state: StateDep) -> JSONResponse:
     return JSONResponse({"status": reason}, status_code=503)
 
 
-@router.get("/metrics")
+PROMETHEUS_TEXT = {
+    200: {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}
+}
+
+
+@router.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 def metrics(state: StateDep) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from server.errors import NotFound
+from server.openapi import error_responses
 from server.protocol import ModelCard, ModelList
-from server.state import EngineDep, StateDep, require_api_key
+from server.state import EngineDep, StateDep
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 
 
 def model_card(state: StateDep, engine: EngineDep) -> ModelCard:
-    planner = engine.decoder.planner
+    planner = engine.runner.decoder.planner
     return ModelCard(
         id=state.settings.served_model_name(),
         created=state.started_at,
@@ -27,7 +28,7 @@ def list_models(state: StateDep, engine: EngineDep) -> ModelList:
     return ModelList(data=[model_card(state, engine)])
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", responses=error_responses(404))
 def get_model(model_id: str, state: StateDep, engine: EngineDep) -> ModelCard:
     card = model_card(state, engine)
     if model_id != card.id:

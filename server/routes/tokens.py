@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends
 
-from model.tokenizer import VOCAB_SIZE, ByteTokenizer
-from server.errors import InvalidRequest
-from server.protocol import DetokenizeRequest, TokenizeRequest
-from server.state import EngineDep, require_api_key
+from model.tokenizer import ByteTokenizer
+from server.body import json_body
+from server.openapi import error_responses, json_request_body
+from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.state import EngineDep
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter()
 tokenizer = ByteTokenizer()
 
 
-@router.post("/tokenize")
-def tokenize(body: TokenizeRequest, engine: EngineDep) -> dict:
+@router.post("/tokenize", responses=error_responses(400), openapi_extra=json_request_body(TokenizeRequest))
+async def tokenize(
+    body: Annotated[TokenizeRequest, Depends(json_body(TokenizeRequest))], engine: EngineDep
+) -> TokenizeResponse:
     tokens = tokenizer.encode(body.prompt)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_limit}
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.context_limit)
 
 
-@router.post("/detokenize")
-def detokenize(body: DetokenizeRequest, engine: EngineDep) -> dict:
-    if any(not 0 <= token < VOCAB_SIZE for token in body.tokens):
-        raise InvalidRequest(f"token ids must be in 0..{VOCAB_SIZE - 1}", param="tokens")
-    return {"prompt": tokenizer.decode(body.tokens)}
+@router.post("/detokenize", responses=error_responses(400), openapi_extra=json_request_body(DetokenizeRequest))
+async def detokenize(
+    body: Annotated[DetokenizeRequest, Depends(json_body(DetokenizeRequest))], engine: EngineDep
+) -> DetokenizeResponse:
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))

@@ -38,6 +38,8 @@ class ServerProcess:
     def __init__(self, weights: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
+        self.headers = {} if key is None else {"Authorization": f"Bearer {key}"}  # what /metrics needs
         command = [sys.executable, "-m", "server.cli", "serve", "--weights", str(weights), "--port", str(self.port)]
         command += ["--model-name", TEST_MODEL, "--log-level", "warning", *flags]
         self.log = open(weights.parent / f"server-{self.port}.log", "w+")  # noqa: SIM115 - closed in stop()
@@ -67,7 +69,7 @@ class ServerProcess:
     def metric(self, name: str, **labels: str) -> float:
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=5).text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):

@@ -1,0 +1,88 @@
+"""One sequence the engine generates, and the events it sends back to the event loop that asked for it.
+
+The engine thread writes a request's `emitted` count and the event loop its `delivered` count, each side one
+counter of its own, so no lock is needed: their difference is how many token events wait for a reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from model.sampling import SamplingParams
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop" | "length" | "cancelled" | "error"
+    message: str | None = None
+
+
+_request_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """One sequence to generate; its events arrive on `events` in the event loop that created it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # receives (tag, event) pairs; several requests may share one queue
+    tag: int = 0
+    id: int = field(default_factory=lambda: next(_request_ids))
+    cancelled: bool = False
+    stop_requested: bool = False  # ended by its client at a stop sequence: a normal end, not a failure
+    finished: bool = False
+    arrived_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    generated: int = 0
+    emitted: int = 0  # token events sent (engine thread)
+    delivered: int = 0  # token events taken by the reader (event loop)
+    paused_since: float | None = None  # when the engine began to wait for the reader (engine thread)
+    wake_engine: Callable[[], None] | None = None  # set by the engine that holds the request
+
+    @property
+    def undelivered(self) -> int:
+        return self.emitted - self.delivered
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it frees its slot at the next step."""
+        self.cancelled = True
+        self.wake()
+
+    def stop(self) -> None:
+        """End the request early because its text reached a stop sequence."""
+        self.stop_requested = True
+        self.wake()
+
+    def mark_delivered(self, count: int) -> None:
+        """The reader took `count` token events (event loop); a request paused for its reader may go on."""
+        self.delivered += count
+        if self.paused_since is not None:
+            self.wake()
+
+    def wake(self) -> None:
+        if self.wake_engine is not None:
+            self.wake_engine()
+
+    def emit(self, event: TokenEvent | FinishEvent) -> None:
+        """Hand an event to the request's event loop (called from the engine thread)."""
+        self.emitted += isinstance(event, TokenEvent)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.tag, event))
+        except RuntimeError:  # that event loop has closed: nobody listens any more, so stop generating
+            self.cancelled = True

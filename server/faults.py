@@ -1,0 +1,46 @@
+"""Test-only fault injection: make chosen engine steps raise, to show how the server survives its own bugs.
+
+Off unless the variable WINDOWLM_INJECT_FAULTS is set (never in production): `row=TEXT` makes every batched
+decode step raise while one of its rows has a prompt containing TEXT (the engine must then fail that row alone),
+and `loop=TEXT` makes the engine loop itself raise when it admits such a prompt (the process must then exit
+non-zero). Both may be given, separated by `;`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from server.engine_request import EngineRequest
+
+VARIABLE = "WINDOWLM_INJECT_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    """A failure made on purpose by a test."""
+
+
+@dataclass(frozen=True)
+class FaultInjector:
+    row_marker: bytes | None = None
+    loop_marker: bytes | None = None
+
+    @classmethod
+    def from_environment(cls) -> FaultInjector | None:
+        text = os.environ.get(VARIABLE)
+        if not text:
+            return None
+        parts = dict(part.split("=", 1) for part in text.split(";") if "=" in part)
+        row, loop = parts.get("row"), parts.get("loop")
+        return cls(row.encode() if row else None, loop.encode() if loop else None)
+
+    def check_step(self, requests: Iterable[EngineRequest]) -> None:
+        """Raise when a row of this step carries the row marker."""
+        if self.row_marker is not None and any(self.row_marker in bytes(r.prompt) for r in requests):
+            raise InjectedFault("injected fault in a decode step")
+
+    def check_admission(self, request: EngineRequest) -> None:
+        """Raise, outside every per-request guard, when an admitted request carries the loop marker."""
+        if self.loop_marker is not None and self.loop_marker in bytes(request.prompt):
+            raise InjectedFault("injected fault in the engine loop")

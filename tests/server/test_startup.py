@@ -1,0 +1,56 @@
+"""Start-up failures fail loudly: one line on stderr and a non-zero exit within seconds."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.server.conftest import ServerProcess
+
+
+def serve(*flags: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", *flags], capture_output=True, text=True, timeout=timeout
+    )
+    return done, time.monotonic() - started
+
+
+def test_a_port_in_use_exits_at_once(relative_checkpoint: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done, seconds = serve("--weights", str(relative_checkpoint), "--port", str(port))
+    assert done.returncode == 2 and seconds < 5
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (("--max-batch-size", "0"), "max_batch_size"),
+        (("--port", "http"), "port"),
+        (("--weights", "/nonexistent/folder"), "/nonexistent/folder"),
+        (("--api-key-file", "/nonexistent/keys"), "API keys"),
+    ],
+)
+def test_bad_settings_exit_with_one_line(relative_checkpoint: Path, flags: tuple[str, ...], words: str) -> None:
+    done, seconds = serve("--weights", str(relative_checkpoint), "--port", "0", *flags)
+    assert done.returncode == 2 and seconds < 5, done.stderr
+    assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_sigterm_on_an_idle_server_exits_cleanly(relative_checkpoint: Path) -> None:
+    server = ServerProcess(relative_checkpoint)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(10) == 0
+    output = server.output()
+    server.stop()
+    assert "Traceback" not in output and "Event loop is closed" not in output
