@@ -121,8 +121,9 @@ class Decoder:
                 positions = positions * advance[:, None]  # riders embed at position 0: always in range
             x = self.model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
             hidden = self.layers.run(x, plan)  # (B, L, dim)
-            cache.lengths[slots] += length if advance is None else advance * length
-            return self.layers.logits(hidden[:, -1:] if last_only else hidden)
+            logits = self.layers.logits(hidden[:, -1:] if last_only else hidden)
+            cache.lengths[slots] += length if advance is None else advance * length  # last: a step that raised
+            return logits  # left every position where it was, so running it again is exact
 
     def chunk_end(self, start: int, end: int) -> int:
         """End of the prefill chunk starting at `start`: the next multiple of the chunk size, at most `end`."""

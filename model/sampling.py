@@ -87,11 +87,10 @@ class SamplingParams:
             )
         if not _is_int(self.top_k) or self.top_k < 0:
             raise SamplingError("top_k", f"must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise SamplingError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        if self.top_p < FLOAT32_TINY:  # 0 or subnormal as float32: top-p would keep no token
+        if not _is_number(self.top_p) or not FLOAT32_TINY <= self.top_p <= 1:  # smaller is 0 or subnormal
             raise SamplingError(
-                "top_p", f"must be at least {FLOAT32_TINY:.1e} (the smallest normal float32), got {self.top_p!r}"
+                "top_p",
+                f"must be at most 1 and at least {FLOAT32_TINY:.1e} (the smallest normal float32), got {self.top_p!r}",
             )
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise SamplingError("min_p", f"must be in [0, 1], got {self.min_p!r}")

@@ -244,7 +244,7 @@ def run_soak_bench(args: argparse.Namespace) -> dict[str, Any]:
     results = soak_server(weights, args, clients)
     settings = ("duration", "load", "max_batch_size", "max_queue", "disconnect_share", "nonreading_share", "seed")
     report = {
-        "settings": {"weights": str(weights), "clients": clients, **{name: getattr(args, name) for name in settings}},
+        "settings": {"weights": weights.name, "clients": clients, **{name: getattr(args, name) for name in settings}},
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

@@ -17,25 +17,21 @@ from server.config import Settings
 from server.engine import Engine
 from server.engine_request import EngineRequest, FinishEvent, TokenEvent
 from server.errors import InvalidRequest
-from server.protocol import CompletionRequest, Logprobs
+from server.protocol import CompletionRequest, Logprobs, check_prompt_tokens
 
 tokenizer = ByteTokenizer()
 LOWEST_LOGPROB = -9999.0  # JSON has no -Infinity: a token of probability 0 in float32 reports this
 
 
-def prompt_token_lists(prompt: str | list, max_tokens: int) -> list[list[int]]:
-    """The request's validated prompt as one or more lists of token ids, each at most `max_tokens` long."""
+def prompt_token_lists(prompt: str | list, settings: Settings) -> list[list[int]]:
+    """The request's validated prompt as one or more lists of token ids, within the server's length limit."""
     if isinstance(prompt, str):
         prompts = [tokenizer.encode(prompt)]
     elif isinstance(prompt[0], int):
         prompts = [prompt]
     else:
         prompts = [tokenizer.encode(item) if isinstance(item, str) else item for item in prompt]
-    for ids in prompts:
-        if not ids:
-            raise InvalidRequest("prompt must not be empty", param="prompt")
-        if len(ids) > max_tokens:
-            raise InvalidRequest(f"a prompt has {len(ids)} tokens; this server's limit is {max_tokens}", param="prompt")
+    check_prompt_tokens(sum(len(ids) for ids in prompts), settings, "prompt")
     return prompts
 
 
@@ -53,7 +49,7 @@ def sampling_params(body: CompletionRequest, choice: int) -> SamplingParams:
         repetition_penalty=given(body.repetition_penalty, 1.0),
         presence_penalty=given(body.presence_penalty, 0.0),
         frequency_penalty=given(body.frequency_penalty, 0.0),
-        seed=None if body.seed is None else body.seed + choice,
+        seed=None if body.seed is None else (body.seed + choice) % 2**64,
         logprobs=given(body.logprobs, 0),
     )
     try:
@@ -81,7 +77,7 @@ def engine_requests(
     if body.n > settings.max_n:
         raise InvalidRequest(f"n must be at most {settings.max_n}", param="n")
     max_tokens = generation_length(body, settings)
-    prompts = prompt_token_lists(body.prompt, settings.max_prompt_tokens)
+    prompts = prompt_token_lists(body.prompt, settings)
     limit = engine.context_limit
     for ids in prompts:
         if limit is not None and len(ids) > limit:

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     clamp_max_tokens: bool = Field(False, description="clamp max_tokens over the limit instead of answering 400")
     prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens per prefill step (a window multiple)")
     api_key: typing.Annotated[list[str], NoDecode] = Field(
-        [], description="require `Authorization: Bearer KEY` (repeatable; the variable takes keys separated by ,)"
+        [],
+        description="require `Authorization: Bearer KEY` (repeatable; the variable takes keys separated by ,)",
+        repr=False,
     )
     api_key_file: Path | None = Field(None, description="file with one API key per line (keeps keys out of ps)")
     public_metrics: bool = Field(False, description="serve /metrics without the API key")
@@ -50,6 +52,7 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(16384, ge=1024, description="largest request head (request line and headers)")
     max_headers: int = Field(100, ge=8, description="most header fields in one request")
     header_timeout: float = Field(10.0, gt=0, description="seconds a connection may take to send a request head")
+    body_timeout: float = Field(60.0, gt=0, description="seconds a request body may take to arrive after its head")
     keepalive_timeout: float = Field(5.0, gt=0, description="seconds an idle keep-alive connection stays open")
     stream_buffer: int = Field(64, ge=1, description="undelivered events a stream may hold before it pauses")
     stall_timeout: float = Field(120.0, gt=0, description="seconds a paused stream may wait for its reader")
@@ -60,10 +63,17 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def split_keys(cls, value: object) -> object:
-        """WINDOWLM_API_KEY='k1,k2' and repeated flags both give a list of keys."""
-        values = [value] if isinstance(value, str) else value
-        if isinstance(values, list):
-            return [key.strip() for item in values for key in str(item).split(",") if key.strip()]
+        """The variable holds keys separated by commas (empty: no key); each flag holds one key. A value that
+        is given but holds no key is an error, never an open API."""
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            value = value.split(",")
+        if isinstance(value, list):
+            keys = [str(key).strip() for key in value]
+            if not all(keys):
+                raise ValueError("an API key must not be empty")
+            return keys
         return value
 
     def resolved_device(self) -> torch.device:

@@ -166,9 +166,11 @@ class Engine:
             logger.exception("engine loop failed")
             self.failure = error
         finally:
-            self.running = False
+            with self.wakeup:  # under the lock: a submit either sees the engine stopped or is told here
+                self.running = False
+                held = self.held_requests()
             message = "the engine stopped" if self.failure is None else f"engine failure: {self.failure}"
-            for request in self.held_requests():
+            for request in held:
                 if not request.finished:
                     request.emit(FinishEvent("error", message))
 
@@ -197,6 +199,9 @@ class Engine:
         with self.wakeup:  # only the queue under the lock: the event loop's submit waits for it
             admitted = [(index, request) for index in free if (request := self.next_waiting()) is not None]
         for index, request in admitted:
+            if request.client_gone():  # its client left, and the event loop has not noticed yet
+                self.drop_unstarted(request)
+                continue
             try:
                 self.slots[index] = self.start_request(index, request)
             except Exception as error:  # e.g. parameters the sampler refuses: this request fails alone
@@ -212,11 +217,14 @@ class Engine:
         while self.waiting:
             request = self.waiting.popleft()
             if request.cancelled or request.stop_requested:  # its client left while it waited: never started
-                request.finished = True
-                self.metrics.request_failures.labels(reason="cancelled").inc()
+                self.drop_unstarted(request)
                 continue
             return request
         return None
+
+    def drop_unstarted(self, request: EngineRequest) -> None:
+        request.finished = True
+        self.metrics.request_failures.labels(reason="cancelled").inc()
 
     def start_request(self, index: int, request: EngineRequest) -> Slot:
         request.started_at = time.perf_counter()

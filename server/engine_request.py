@@ -1,12 +1,13 @@
 """One sequence the engine generates, and the events it sends back to the event loop that asked for it.
 
-The engine thread writes a request's `emitted` count and the event loop its `delivered` count, each side one
+The engine thread writes a request's `generated` count and the event loop its `delivered` count, each side one
 counter of its own, so no lock is needed: their difference is how many token events wait for a reader.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import time
 from collections.abc import Callable
@@ -49,15 +50,36 @@ class EngineRequest:
     started_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
-    generated: int = 0
-    emitted: int = 0  # token events sent (engine thread)
+    generated: int = 0  # token events sent (engine thread)
     delivered: int = 0  # token events taken by the reader (event loop)
     paused_since: float | None = None  # when the engine began to wait for the reader (engine thread)
     wake_engine: Callable[[], None] | None = None  # set by the engine that holds the request
+    peer_closed: Callable[[], bool] | None = None  # the HTTP connection's probe, to call on the event loop
+
+    def client_gone(self, timeout: float = 1.0) -> bool:
+        """Whether the client has left, asked of its connection on the event loop (from the engine thread, at
+        admission: exact, where waiting for the disconnect to be noticed is not). False when it cannot tell."""
+        if self.peer_closed is None:
+            return False
+        answer: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def probe() -> None:
+            try:
+                answer.set_result(self.peer_closed())
+            except Exception as error:
+                answer.set_exception(error)
+
+        try:
+            self.loop.call_soon_threadsafe(probe)
+            return answer.result(timeout)
+        except RuntimeError:  # the event loop has closed: nobody listens
+            return True
+        except Exception:
+            return False
 
     @property
     def undelivered(self) -> int:
-        return self.emitted - self.delivered
+        return self.generated - self.delivered
 
     def cancel(self) -> None:
         """Ask the engine to drop this request; it frees its slot at the next step."""
@@ -81,7 +103,6 @@ class EngineRequest:
 
     def emit(self, event: TokenEvent | FinishEvent) -> None:
         """Hand an event to the request's event loop (called from the engine thread)."""
-        self.emitted += isinstance(event, TokenEvent)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (self.tag, event))
         except RuntimeError:  # that event loop has closed: nobody listens any more, so stop generating

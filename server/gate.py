@@ -50,10 +50,10 @@ def content_length(scope: Scope) -> bytes | None:
 
 def key_matches(header: bytes, digests: list[bytes]) -> bool:
     """Whether `Authorization: Bearer KEY` carries one of the keys; every digest is compared, in constant time."""
-    scheme, _, token = header.decode("latin-1").partition(" ")
-    if scheme.lower() != "bearer":
+    scheme, _, token = header.partition(b" ")
+    if scheme.lower() != b"bearer":
         return False
-    given = hashlib.sha256(token.strip().encode("utf-8", errors="surrogateescape")).digest()
+    given = hashlib.sha256(token.strip()).digest()  # the key's bytes as sent (UTF-8 for a non-ASCII key)
     matched = False
     for digest in digests:
         matched |= hmac.compare_digest(given, digest)
@@ -91,7 +91,7 @@ class RequestGate:
         finally:
             metrics = self.state.metrics
             metrics.requests.labels(endpoint=endpoint_label(scope["path"]), status=str(status)).inc()
-            if 400 <= status < 500 and status not in (401, 404, 429):
+            if 400 <= status < 500 and status not in (401, 404, 429, 499):
                 metrics.request_failures.labels(reason="validation").inc()
 
     def refusal(self, scope: Scope) -> APIError | None:

@@ -1,9 +1,11 @@
 """uvicorn's h11 protocol with limits on what a connection may do before the application sees a request.
 
 Stock uvicorn (0.54) sets no timer before a connection's first request, so a silent socket or a head trickled a
-byte at a time holds a connection open for ever; it bounds only a head that arrives in several reads (h11's
+byte at a time holds a connection open for ever, and none while a request body arrives, so does a body that
+stops half-way; it bounds only a head that arrives in several reads (h11's
 buffer limit), so a large head read in one go reaches the application; and it answers malformed HTTP in plain
-text. `GuardedH11Protocol` closes a connection whose request head takes longer than `header_timeout`, refuses
+text. `GuardedH11Protocol` closes a connection whose request head takes longer than `header_timeout`, or whose
+request body takes longer than `body_timeout` after its head, refuses
 heads over `max_header_bytes` or `max_headers` with 431, and answers in the API's JSON error shape.
 
 The subclass relies on `H11Protocol` internals (`conn`, `send_400_response`, the state it keeps), which is why
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from dataclasses import dataclass
 
 import h11
@@ -22,16 +25,19 @@ from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 from server.config import Settings
 from server.errors import error_body
 
+PEER_CLOSED = "windowlm.peer_closed"
+
 
 @dataclass(frozen=True)
 class HttpLimits:
     max_header_bytes: int
     max_headers: int
     header_timeout: float
+    body_timeout: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpLimits:
-        return cls(settings.max_header_bytes, settings.max_headers, settings.header_timeout)
+        return cls(settings.max_header_bytes, settings.max_headers, settings.header_timeout, settings.body_timeout)
 
     def head_problem(self, request: h11.Request) -> str | None:
         """Why a parsed request head breaks the limits, or None when it keeps to them."""
@@ -84,18 +90,19 @@ class LimitedConnection(h11.Connection):
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a request-head timer, head limits and JSON errors.
+    """uvicorn's h11 protocol with request timers, head limits and JSON errors.
 
     The head timer runs from the moment a connection is made, and on a kept-alive connection from the first
-    byte of its next request (until then uvicorn's `timeout_keep_alive` guards the silence); it stops when the
-    head is complete, so request bodies and responses, however long, are never timed by it."""
+    byte of its next request (until then uvicorn's `timeout_keep_alive` guards the silence); when the head is
+    complete, the body timer takes over until the body has arrived (also a body the application refused and
+    uvicorn reads to drop). Responses, however long, are never timed by either."""
 
     def __init__(self, *args, limits: HttpLimits, **kwargs) -> None:
         """Replaces uvicorn's h11 connection (and so `h11_max_incomplete_event_size`) with a `LimitedConnection`."""
         super().__init__(*args, **kwargs)
         self.limits = limits
         self.conn = LimitedConnection(limits)
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_timer: asyncio.TimerHandle | None = None  # the head timer, then the body timer
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Also starts the head timer: uvicorn starts none before the first request."""
@@ -103,12 +110,39 @@ class GuardedH11Protocol(H11Protocol):
         self.start_head_timer()
 
     def data_received(self, data: bytes) -> None:
-        """Also starts the head timer at a kept-alive request's first byte, and stops it once the head is parsed."""
+        """Also starts the head timer at a kept-alive request's first byte, the body timer once the head is
+        parsed, and stops them once the body is complete."""
         if self.head_timer is None and self.conn.their_state is h11.IDLE:
             self.start_head_timer()
+        reading_body = self.conn.their_state is h11.SEND_BODY
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:
+        if self.conn.their_state is h11.SEND_BODY:
+            if not reading_body:
+                self.start_head_timer(self.limits.body_timeout)
+        elif self.conn.their_state is not h11.IDLE:
             self.stop_head_timer()
+
+    def handle_events(self) -> None:
+        """Also hands each request's scope a probe of its connection (`scope["extensions"]["windowlm.peer_closed"]`,
+        to call on the event loop's thread): the engine asks it before giving a waiting request a slot."""
+        super().handle_events()
+        if self.scope is not None:
+            self.scope.setdefault("extensions", {})[PEER_CLOSED] = self.peer_closed
+
+    def peer_closed(self) -> bool:
+        """Whether the client has gone: the connection is closing, or its end of file waits unread (uvicorn stops
+        reading while a request runs, so a client's close can sit in the socket unseen). A peek consumes nothing."""
+        if self.transport.is_closing():
+            return True
+        view = socket.socket(fileno=self.transport.get_extra_info("socket").fileno())
+        try:
+            return view.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:  # nothing to read: still connected
+            return False
+        except OSError:
+            return True
+        finally:
+            view.detach()  # the socket stays the transport's
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Also stops the head timer."""
@@ -133,9 +167,9 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.write(self.conn.send(event))
         self.transport.close()
 
-    def start_head_timer(self) -> None:
+    def start_head_timer(self, seconds: float | None = None) -> None:
         self.stop_head_timer()
-        self.head_timer = self.loop.call_later(self.limits.header_timeout, self.head_timeout)
+        self.head_timer = self.loop.call_later(seconds or self.limits.header_timeout, self.head_timeout)
 
     def stop_head_timer(self) -> None:
         if self.head_timer is not None:
@@ -143,10 +177,8 @@ class GuardedH11Protocol(H11Protocol):
             self.head_timer = None
 
     def head_timeout(self) -> None:
-        """The request head did not arrive in time: close the connection, with no response."""
+        """The request head or body did not arrive in time: close the connection, with no response."""
         self.head_timer = None
         if not self.transport.is_closing():
-            self.logger.debug(
-                "Closing a connection whose request head took longer than %s s.", self.limits.header_timeout
-            )
+            self.logger.debug("Closing a connection whose request did not arrive in time.")
             self.transport.close()

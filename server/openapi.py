@@ -16,12 +16,11 @@ STATUS_TEXT = {
     405: "Method not allowed; `Allow` lists the methods",
     413: "The request body is larger than the server's limit",
     429: "Every slot and the waiting queue are full; retry after `Retry-After` seconds",
-    431: "Too many header fields",
+    431: "The request head is too large or has too many header fields",
     500: "An internal error, reported as such",
     503: "The model is loading, the server is draining, or the engine has stopped",
 }
 EVERY_ROUTE = (405, 413, 431, 500, 503)  # answered before (or whatever) the route does
-PROBES = {"/health", "/ready"}  # never need the API key, never refused while draining
 
 
 class ErrorObject(BaseModel):
@@ -69,8 +68,7 @@ def openapi_document(
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            codes = EVERY_ROUTE if path in PROBES else (401, *EVERY_ROUTE)
-            for code in codes:
+            for code in (401, *EVERY_ROUTE) if protected else EVERY_ROUTE:
                 responses.setdefault(str(code), {"description": STATUS_TEXT[code], "content": error})
             if protected:
                 operation["security"] = [{"apiKey": []}]

@@ -43,7 +43,7 @@ def integer(**bounds: int) -> Any:
     return Annotated[int, Field(**bounds), BeforeValidator(integral)]
 
 
-TokenId = integer(ge=0, lt=VOCAB_SIZE)
+TokenId = Annotated[int, Field(ge=0, lt=VOCAB_SIZE)]  # strict: a long list is validated without Python calls
 TokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 Texts = Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, fail_fast=True)]
 TokenIdLists = Annotated[list[TokenIds], Field(min_length=1, fail_fast=True)]
@@ -51,6 +51,15 @@ Prompt = Annotated[Text, Field(min_length=1)] | Texts | TokenIds | TokenIdLists
 StopText = Annotated[Text, Field(min_length=1)]
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def check_prompt_tokens(count: int, settings: Settings, param: str) -> None:
+    """The one rule on prompt length: all the prompts of a request hold at most `max_prompt_tokens` tokens. A
+    string's length in characters is a lower bound of its tokens (bytes), so it may be checked before encoding."""
+    if count > settings.max_prompt_tokens:
+        raise InvalidRequest(
+            f"{param} holds {count} tokens or more; this server takes at most {settings.max_prompt_tokens}", param=param
+        )
 
 
 class StreamOptions(BaseModel):
@@ -84,7 +93,7 @@ class CompletionRequest(BaseModel):
 
     @classmethod
     def check_sizes(cls, data: dict[str, Any], settings: Settings) -> None:
-        """Refuse an over-long prompt from its length alone, before any of its items is validated."""
+        """Refuse over-long prompts from their lengths alone, before any of their items is validated."""
         prompt = data.get("prompt")
         batch = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
         prompts = prompt if batch else [prompt]
@@ -92,11 +101,7 @@ class CompletionRequest(BaseModel):
             raise InvalidRequest(
                 f"prompt has {len(prompts)} items; at most {settings.max_sequences} prompts per request", param="prompt"
             )
-        for item in prompts:
-            if isinstance(item, (str, list)) and len(item) > settings.max_prompt_tokens:
-                raise InvalidRequest(
-                    f"a prompt has more than {settings.max_prompt_tokens} tokens, this server's limit", param="prompt"
-                )
+        check_prompt_tokens(sum(len(item) for item in prompts if isinstance(item, (str, list))), settings, "prompt")
 
     @field_validator("stop")
     @classmethod
@@ -109,11 +114,21 @@ class TokenizeRequest(BaseModel):
     model: Text | None = None
     prompt: Text
 
+    @classmethod
+    def check_sizes(cls, data: dict[str, Any], settings: Settings) -> None:
+        prompt = data.get("prompt")
+        check_prompt_tokens(len(prompt) if isinstance(prompt, str) else 0, settings, "prompt")
+
 
 class DetokenizeRequest(BaseModel):
     model_config = STRICT
     model: Text | None = None
     tokens: Annotated[list[TokenId], Field(fail_fast=True)]
+
+    @classmethod
+    def check_sizes(cls, data: dict[str, Any], settings: Settings) -> None:
+        tokens = data.get("tokens")
+        check_prompt_tokens(len(tokens) if isinstance(tokens, list) else 0, settings, "tokens")
 
 
 class TokenizeResponse(BaseModel):

@@ -3,7 +3,7 @@
 The runner knows slots, token ids and tensors; which slots run, and what becomes of their requests, is the
 engine's business. A fault inside a step fails only the slots it belongs to: a batched decode step that raises
 is run again slot by slot, and a batch that cannot be sampled is sampled row by row, both exact because decoding
-and sampling are batch-invariant.
+and sampling are batch-invariant (see `sample` for the one exception).
 """
 
 from __future__ import annotations
@@ -96,7 +96,9 @@ class ModelRunner:
         return logits if advance is None else logits[rows.to(self.device)]
 
     def sample(self, samplers: Sequence[SequenceSampler], logits: Tensor) -> SampleResult:
-        """sample_batch; if it raises, row by row, so that only a row that cannot be sampled fails."""
+        """sample_batch; if it raises, row by row, so that only a row that cannot be sampled fails. (Rows of a
+        batch that raised after its random draws draw again: their text stays valid, but a seeded one is no
+        longer what it would be alone. sample_batch raises only on a bug: bad logits fail a row, not the batch.)"""
         try:
             return sample_batch(logits, samplers)
         except Exception as error:

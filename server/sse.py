@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 from collections.abc import Callable
 
 import anyio
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+logger = logging.getLogger("windowlm.server")
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -27,20 +29,33 @@ class EventStreamResponse(StreamingResponse):
     """A text/event-stream response that stops its body the moment the client disconnects.
 
     The body runs beside a listener for `http.disconnect`: when the client goes, the body's generator is
-    cancelled at its next await, even while it waits for tokens (a queued request, a slow step).
+    cancelled at its next await, even while it waits for tokens (a queued request, a slow step). A write the
+    client does not take within `send_timeout` seconds (it stopped reading, and the socket's buffers are full)
+    ends the response too, and uvicorn closes the connection.
     """
 
-    def __init__(self, content, on_close: Callable[[], None] | None = None, **kwargs) -> None:
+    def __init__(
+        self, content, on_close: Callable[[], None] | None = None, send_timeout: float = 120.0, **kwargs
+    ) -> None:
         super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS, **kwargs)
         self.on_close = on_close
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as group:
 
+                async def send_in_time(message: Message) -> None:
+                    with anyio.fail_after(self.send_timeout):
+                        await send(message)
+
                 async def body() -> None:
-                    with contextlib.suppress(OSError):  # the client went away while we were writing
-                        await self.stream_response(send)
+                    try:
+                        await self.stream_response(send_in_time)
+                    except OSError:  # the client went away while we were writing
+                        pass
+                    except TimeoutError:
+                        logger.warning("closing a stream whose client took nothing for %g s", self.send_timeout)
                     group.cancel_scope.cancel()
 
                 group.start_soon(body)

@@ -17,6 +17,7 @@ from server.completions import ChoiceDelta, ChoiceText, GenerationFailed, engine
 from server.engine import EngineOverloaded, EngineStopped
 from server.engine_request import EngineRequest
 from server.errors import APIError, InvalidRequest, NotFound, Overloaded, Unavailable, error_body
+from server.http_protocol import PEER_CLOSED
 from server.openapi import error_responses, json_request_body
 from server.protocol import Completion, CompletionChoice, CompletionRequest, Logprobs, Usage
 from server.sse import DONE, PING, EventStreamResponse, sse_data
@@ -53,6 +54,9 @@ async def create_completion(
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options needs stream=true", param="stream_options")
     prompts, requests = engine_requests(body, engine, state.settings, asyncio.get_running_loop())
+    peer_closed = request.scope.get("extensions", {}).get(PEER_CLOSED)  # see server/http_protocol.py
+    for engine_request in requests:
+        engine_request.peer_closed = peer_closed
     try:
         engine.submit(requests)
     except EngineOverloaded as error:
@@ -61,22 +65,24 @@ async def create_completion(
     except EngineStopped as error:
         raise Unavailable(str(error)) from error
 
-    prompt_texts = [tokenizer.decode(ids) for ids in prompts]
-    choices = []
-    for request_ in requests:
-        echoed = prompt_texts[request_.tag // body.n] if body.echo else ""
-        choices.append(ChoiceText(request_.tag, body.stop, body.logprobs is not None, text_offset=len(echoed)))
+    prompt_texts = [tokenizer.decode(ids) for ids in prompts] if body.echo else [""] * len(prompts)
+    echo = [prompt_texts[request_.tag // body.n] for request_ in requests]
+    want_logprobs = body.logprobs is not None
+    choices = [
+        ChoiceText(r.tag, body.stop, want_logprobs, text_offset=len(e)) for r, e in zip(requests, echo, strict=True)
+    ]
     reply = CompletionReply(
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=served,
         prompt_tokens=sum(len(ids) for ids in prompts),  # each prompt counts once, whatever n is
-        echo=[prompt_texts[choice.index // body.n] if body.echo else "" for choice in choices],
+        echo=echo,
     )
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         events = reply.stream(requests, choices, state.settings.ping_interval, include_usage)
-        return EventStreamResponse(events, on_close=lambda: cancel_all(requests))
+        stall = state.settings.stall_timeout
+        return EventStreamResponse(events, on_close=lambda: cancel_all(requests), send_timeout=stall)
     return await reply.complete(requests, choices, request)
 
 

@@ -46,16 +46,25 @@ def bearer(key: str) -> dict[str, str]:
         ("GET", "/docs"),
         ("GET", "/redoc"),
         ("GET", "/v1/models"),
+        ("GET", "/v1/models/tiny"),
+        ("HEAD", "/v1/models"),
         ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
         ("POST", "/v1/completions"),
         ("GET", "/no/such/route"),
+        ("GET", "/v1/models/"),  # path variants of open and closed routes
+        ("GET", "//v1/models"),
+        ("GET", "/v1/%6Dodels"),
+        ("GET", "/health/"),
+        ("GET", "/metrics/"),
     ],
 )
 def test_every_route_but_the_probes_needs_a_key(keyed: ServerProcess, method: str, path: str) -> None:
     response = httpx.request(method, f"{keyed.url}{path}")
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
-    assert response.json()["error"]["type"] == "authentication_error"
+    if method != "HEAD":
+        assert response.json()["error"]["type"] == "authentication_error"
     wrong = httpx.request(method, f"{keyed.url}{path}", headers=bearer("not-a-key"))
     assert wrong.status_code == 401
 

@@ -108,3 +108,72 @@ def test_queue_limit_and_cancelled_waiting_request(model) -> None:
     started, busy = run_engine(model, scenario, max_batch_size=1, max_queue=1)
     assert started == 1  # the cancelled waiting request never took a slot
     assert not busy
+
+
+def test_a_batched_step_that_fails_once_is_run_again_exactly(model) -> None:
+    """The step raises at its very end (the output head): the slot-by-slot retry must find every position
+    where it was, so each request's text is still its text alone."""
+    prompts = [list(f"row {i} ".encode()) for i in range(3)]
+
+    async def scenario(engine: Engine) -> dict[int, list]:
+        layers = engine.runner.decoder.layers
+        project = layers.logits
+        failures = []
+
+        def fail_once_when_batched(hidden: torch.Tensor) -> torch.Tensor:
+            if hidden.shape[0] > 1 and not failures:
+                failures.append(hidden.shape[0])
+                raise RuntimeError("the output head failed")
+            return project(hidden)
+
+        layers.logits = fail_once_when_batched
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        engine.submit([EngineRequest(p, GREEDY, 12, loop, events, tag=i) for i, p in enumerate(prompts)])
+        seen = await collect(events, len(prompts))
+        assert failures, "no batched step failed: the test did not test anything"
+        return seen
+
+    seen = run_engine(model, scenario)
+    for tag, prompt in enumerate(prompts):
+        assert [e.token for e in seen[tag] if isinstance(e, TokenEvent)] == alone(model, prompt, 12)
+        assert seen[tag][-1] == FinishEvent("length")
+
+
+def test_a_request_whose_reader_falls_behind_pauses_then_stalls(model) -> None:
+    async def scenario(engine: Engine) -> tuple[int, int, FinishEvent]:
+        events: asyncio.Queue = asyncio.Queue()
+        request = EngineRequest(list(b"slow reader"), GREEDY, 10_000, asyncio.get_running_loop(), events)
+        engine.submit([request])
+        await asyncio.sleep(0.4)
+        paused_at = events.qsize()  # nothing was marked delivered: the engine stopped at the buffer
+        request.mark_delivered(paused_at)  # the reader catches up: generation goes on
+        while events.qsize() < paused_at + 2:
+            await asyncio.sleep(0.01)
+        while True:  # now it never reads again: ended after the stall timeout
+            _, event = await events.get()
+            if isinstance(event, FinishEvent):
+                return paused_at, request.generated, event
+
+    paused_at, generated, finish = run_engine(model, scenario, stream_buffer=4, stall_timeout=1.0)
+    assert paused_at == 4
+    assert generated == 8
+    assert finish.reason == "error" and "read nothing" in finish.message
+
+
+def test_a_waiting_request_whose_connection_closed_is_never_started(model) -> None:
+    """The client's close sits unread in its socket (the event loop has not noticed it): the engine asks the
+    connection at admission and drops the request instead of starting it."""
+
+    async def scenario(engine: Engine) -> tuple[list, float]:
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        gone = EngineRequest(list(b"gone"), GREEDY, 5, loop, events, tag=0, peer_closed=lambda: True)
+        here = EngineRequest(list(b"here"), GREEDY, 5, loop, events, tag=1, peer_closed=lambda: False)
+        engine.submit([gone, here])
+        seen = await collect(events, 1)
+        return seen, engine.metrics.registry.get_sample_value("windowlm_queue_time_seconds_count")
+
+    seen, started = run_engine(model, scenario, max_batch_size=1)
+    assert list(seen) == [1] and started == 1
+    assert seen[1][-1] == FinishEvent("length")

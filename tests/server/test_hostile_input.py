@@ -19,8 +19,9 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def roomy(relative_checkpoint) -> Iterator[ServerProcess]:
-    """A body limit above 5 MB, so that a 5 MB body reaches the JSON parser."""
-    process = ServerProcess(relative_checkpoint, "--max-body-bytes", str(8 * MiB), "--max-tokens-limit", "64")
+    """A body limit above 5 MB, so that a 5 MB body reaches the JSON parser; a 2 s body timeout."""
+    flags = ("--max-body-bytes", str(8 * MiB), "--max-tokens-limit", "64", "--body-timeout", "2")
+    process = ServerProcess(relative_checkpoint, *flags)
     yield process
     process.stop()
 
@@ -166,10 +167,11 @@ def upload_seconds(size: int) -> float:
 
 
 def test_a_million_token_ids_are_refused_by_their_count(roomy: ServerProcess) -> None:
+    """Refused from the list's length, before any of its items is validated."""
     body = b'{"model": "tiny", "prompt": [' + b",".join([b"65"] * 1_000_000) + b"]}"
     response, _, worst_health = timed_while_health_answers(roomy, lambda: raw_post(roomy, "/v1/completions", body))
     assert_error(response, 400, "prompt")
-    assert "65536 tokens" in response.json()["error"]["message"]
+    assert "at most 65536" in response.json()["error"]["message"]
     assert worst_health < 0.25, worst_health
 
 
@@ -232,9 +234,22 @@ def test_a_request_head_with_too_many_fields_is_431(server: ServerProcess) -> No
     assert response.status_code == 431 and json.loads(response.text)["error"]["message"]
 
 
-def test_a_half_sent_body_does_not_hold_up_others(server: ServerProcess) -> None:
-    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+def test_a_half_sent_body_holds_up_nobody_and_is_cut_off(roomy: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", roomy.port)) as sock:
         sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"model"')
         started = time.perf_counter()
-        assert completion(server, prompt="Hi", max_tokens=2).status_code == 200
+        assert completion(roomy, prompt="Hi", max_tokens=2).status_code == 200
         assert time.perf_counter() - started < 5
+        sock.settimeout(10)
+        assert sock.recv(100) == b""  # closed by the server once the body timeout passed
+        assert time.perf_counter() - started < 6
+
+
+def test_many_token_lists_count_together(roomy: ServerProcess) -> None:
+    response = completion(roomy, prompt=[[65] * 40_000, [66] * 40_000], max_tokens=1)
+    assert_error(response, 400, "prompt")
+    assert "80000 tokens" in response.json()["error"]["message"]
+    detokenize = httpx.post(f"{roomy.url}/detokenize", json={"tokens": [65] * 70_000}, timeout=30)
+    assert_error(detokenize, 400, "tokens")
+    tokenize = httpx.post(f"{roomy.url}/tokenize", json={"prompt": "a" * 70_000}, timeout=30)
+    assert_error(tokenize, 400, "prompt")
