@@ -76,12 +76,15 @@ class CompletionRequest(BaseModel):
     prompt: Prompt
     max_tokens: integer(ge=1) | None = 16
     temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, ge=FLOAT32_TINY, le=1)
+    # The float32 bounds are documented here and checked by SamplingParams.validate, whose message says why.
+    top_p: float | None = Field(1.0, gt=0, le=1, json_schema_extra={"minimum": FLOAT32_TINY})
     top_k: integer(ge=-1) | None = 0
     min_p: float | None = Field(0.0, ge=0, le=1)
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(1.0, ge=FLOAT32_TINY, le=FLOAT32_MAX)
+    repetition_penalty: float | None = Field(
+        1.0, gt=0, json_schema_extra={"minimum": FLOAT32_TINY, "maximum": FLOAT32_MAX}
+    )
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(None, validate_default=True)
     seed: integer(ge=-(2**63), lt=2**64) | None = None
     n: integer(ge=1) = 1
