@@ -13,6 +13,10 @@ import pytest
 
 from tests.server.conftest import ServerProcess
 
+# Seconds a failed start may take. The check runs before any model work, but the process start itself (importing
+# torch: 3.9 s alone on this project's 2-core machine, idle) is most of it, so the bound leaves room for a busy CI.
+EXIT_SECONDS = 10
+
 
 def serve(*flags: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
@@ -28,7 +32,7 @@ def test_a_port_in_use_exits_at_once(relative_checkpoint: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         done, seconds = serve("--weights", str(relative_checkpoint), "--port", str(port))
-    assert done.returncode == 2 and seconds < 5
+    assert done.returncode == 2 and seconds < EXIT_SECONDS
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
@@ -43,7 +47,7 @@ def test_a_port_in_use_exits_at_once(relative_checkpoint: Path) -> None:
 )
 def test_bad_settings_exit_with_one_line(relative_checkpoint: Path, flags: tuple[str, ...], words: str) -> None:
     done, seconds = serve("--weights", str(relative_checkpoint), "--port", "0", *flags)
-    assert done.returncode == 2 and seconds < 5, done.stderr
+    assert done.returncode == 2 and seconds < EXIT_SECONDS, done.stderr
     assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
