@@ -17,6 +17,10 @@ from torch import Tensor, nn
 ROTARY_THETA = 10000
 
 
+class ContextLimitError(ValueError):
+    """A position past max_seq_len of a model with a learned absolute position embedding."""
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """Rotate the two halves of the last dimension: (a, b) -> (-b, a)."""
     first, second = x.chunk(2, dim=-1)

@@ -21,12 +21,9 @@ from model.blocks import (
     geglu,
     project_logits,
 )
-from model.positions import DynamicPositionBias
+from model.generate import generate, generate_uncached
+from model.positions import ContextLimitError, DynamicPositionBias
 from model.residual import ResidualStreams
-
-
-class ContextLimitError(ValueError):
-    """A position past max_seq_len of a model with a learned absolute position embedding."""
 
 
 class LocalMHA(nn.Module):
@@ -302,8 +299,6 @@ class LocalTransformer(nn.Module):
         With the cache (the default) each token costs the same however long the text; without it every step
         runs the full forward over the last max_seq_len tokens. `seed` makes sampling reproducible.
         """
-        from model.generate import generate, generate_uncached
-
         run = generate if use_kv_cache else generate_uncached
         was_training = self.training
         self.eval()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from model import LocalTransformer
-from model.generate import Decoder
+from model.decoder import Decoder
 
 BENCH_MODEL = dict(
     num_tokens=256,

@@ -59,10 +59,11 @@ def weights_folder(given: str | None) -> Path:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from model.generate import Decoder, stream_tokens
+    from model.decoder import Decoder
+    from model.generate import stream_tokens
     from model.sampling import SamplingError, SamplingParams, SequenceSampler
-    from model.stopping import StopMatcher
     from model.tokenizer import ByteTokenizer, IncrementalDecoder
+    from server.stop_matcher import StopMatcher
     from weights.io import CheckpointError, load_checkpoint
 
     try:

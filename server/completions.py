@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from model.sampling import SamplingError, SamplingParams
-from model.stopping import StopMatcher
 from model.tokenizer import ByteTokenizer, IncrementalDecoder
 from server.config import Settings
 from server.engine import Engine
 from server.engine_request import EngineRequest, FinishEvent, TokenEvent
 from server.errors import InvalidRequest
 from server.protocol import CompletionRequest, Logprobs, check_prompt_tokens
+from server.stop_matcher import StopMatcher
 
 tokenizer = ByteTokenizer()
 LOWEST_LOGPROB = -9999.0  # JSON has no -Infinity: a token of probability 0 in float32 reports this

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from model.generate import Decoder
+from model.decoder import Decoder
 from model.sampling import FAILED_TOKEN, SampleResult, SamplingParams, SequenceSampler, sample_batch
 from model.transformer import LocalTransformer
 from server.engine_request import EngineRequest

@@ -11,8 +11,9 @@ import torch
 
 import model
 from model.cache import SlidingKVCache, cache_capacity, ring_buffer
-from model.decode import CPU_BATCHED_DECODE_ROWS
-from model.generate import ContextLimitError, Decoder, NativeKernels
+from model.decoder import Decoder, NativeKernels
+from model.positions import ContextLimitError
+from model.step import CPU_BATCHED_DECODE_ROWS
 from tests.model.helpers import randomize_
 
 TOLERANCE = 1e-4
@@ -190,7 +191,7 @@ def test_generate_keeps_the_reference_signature_and_matches_uncached() -> None:
 MILLION_BYTE_PROMPT = """
 import resource, torch
 import model
-from model.generate import Decoder
+from model.decoder import Decoder
 torch.set_num_threads(1)
 net = model.LocalTransformer(num_tokens=256, max_seq_len=1, dim=16, depth=1, heads=1, dim_head=16,
                              local_attn_window_size=64, use_abs_pos_emb=False).eval()

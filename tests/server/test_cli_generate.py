@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.generate import Decoder, stream_tokens
+from model.decoder import Decoder
+from model.generate import stream_tokens
 from model.sampling import SamplingParams, SequenceSampler
 from model.tokenizer import ByteTokenizer
 from weights.io import ModelConfig, save_checkpoint

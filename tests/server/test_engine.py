@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from model.generate import Decoder, stream_tokens
+from model.decoder import Decoder
+from model.generate import stream_tokens
 from model.sampling import SamplingParams, SequenceSampler
 from server.engine import Engine, EngineOverloaded, EngineRequest, FinishEvent, TokenEvent
 from server.metrics import Metrics

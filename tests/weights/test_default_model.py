@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from model.generate import Decoder, stream_tokens
+from model.decoder import Decoder
+from model.generate import stream_tokens
 from model.sampling import SamplingParams, SequenceSampler
 from model.tokenizer import ByteTokenizer
 from weights.data import shakespeare_corpus

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from model.stopping import StopMatcher
+from server.stop_matcher import StopMatcher
 
 
 def run(stop: list[str], pieces: list[str]) -> tuple[list[str], bool]:

@@ -1,0 +1,159 @@
+"""The Decoder: a model's sliding KV cache over a fixed number of slots, with prompt chunks and batched steps.
+
+It knows token ids and slots only; which slots run, and when a sequence starts or stops, is its caller's
+business (the server's runner, or `generate`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from model.cache import ALL_SLOTS, SlidingKVCache, Slots
+from model.step import CachedLayers, StepPlanner
+
+if TYPE_CHECKING:
+    from model.transformer import LocalTransformer
+
+
+class NativeKernels:
+    """Context in which oneDNN is off, so PyTorch's own CPU kernels run elementwise ops such as GELU.
+
+    For float32 on a CPU: on the few hundred values of a decode step oneDNN's GELU spends several microseconds
+    setting up per call, and it rounds differently in the last bit from the native kernel, which is what the
+    full forward's GELU over more than one position (non-contiguous halves) runs; float32 matrix products go
+    to BLAS either way. (Half-precision matrix products do use oneDNN on a CPU: Decoders in those dtypes leave
+    it on.) The switch is process-wide: while any thread is inside, oneDNN is off for every thread; the last
+    one out restores it.
+    """
+
+    lock = threading.Lock()
+    inside = 0
+    was_enabled = True
+
+    def __enter__(self) -> None:
+        with NativeKernels.lock:
+            if NativeKernels.inside == 0:
+                NativeKernels.was_enabled = torch.backends.mkldnn.enabled
+                torch.backends.mkldnn.enabled = False
+            NativeKernels.inside += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with NativeKernels.lock:
+            NativeKernels.inside -= 1
+            if NativeKernels.inside == 0:
+                torch.backends.mkldnn.enabled = NativeKernels.was_enabled
+
+
+class Decoder:
+    """Runs a causal LocalTransformer over a fixed number of sequence slots with a sliding KV cache."""
+
+    def __init__(
+        self,
+        model: LocalTransformer,
+        num_slots: int,
+        *,
+        prefill_chunk: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not model.has_embed_unembed:
+            raise ValueError("generation needs a model with a token embedding (num_tokens)")
+        parameter = next(model.parameters())
+        dtype = parameter.dtype if dtype is None else dtype
+        device = parameter.device if device is None else torch.device(device)
+        self.model = model
+        native = device.type == "cpu" and dtype == torch.float32
+        self.kernels: AbstractContextManager = NativeKernels() if native else nullcontext()
+        self.planner = StepPlanner(model, dtype, device)
+        self.layers = CachedLayers(model)
+        self.window_size = self.planner.window_size
+        chunk = self.window_size if prefill_chunk is None else prefill_chunk
+        if chunk < 1 or chunk % self.window_size:
+            raise ValueError(f"prefill_chunk must be a positive multiple of the window size {self.window_size}")
+        self.prefill_chunk = chunk
+        first_attention = model.attention_layers[0]
+        self.cache = SlidingKVCache(
+            num_layers=len(model.layers),
+            num_slots=num_slots,
+            heads=first_attention.heads,
+            dim_head=first_attention.dim_head,
+            capacity=self.planner.capacity,
+            device=device,
+            dtype=dtype,
+        )
+
+    @property
+    def context_limit(self) -> int | None:
+        """Positions the model can take at most, or None when it has no absolute position embedding."""
+        return self.model.max_seq_len if self.model.use_abs_pos_emb else None
+
+    def reset(self, slot: int, start: int = 0) -> None:
+        """Begin a new text in `slot`, at position `start` (0 unless continuing a longer text)."""
+        self.cache.reset(slot, start)
+
+    def position(self, slot: int) -> int:
+        """Tokens the slot has consumed so far."""
+        return int(self.cache.lengths[slot])
+
+    def step(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Feed tokens (B, L) to slots (B,) at their current positions -> logits (B, L, num_tokens), or of the
+        last position only (B, 1, num_tokens) with `last_only`, all a prompt needs.
+
+        `slots` may be a slice (ALL_SLOTS, or a range of slots): the cache is then read in place, not gathered.
+        `advance` (B,) bool marks the slots that really take these tokens; the others ride along in the batch
+        and keep their position. Their key is written at their current position's ring index, whose old entry
+        is out of every later query's window and which their next real token overwrites: nothing reads it.
+        """
+        cache = self.cache
+        length = tokens.shape[1]
+        with torch.inference_mode(), self.kernels:
+            positions = cache.lengths[slots][:, None].clone()  # (B, 1), not a view of what this step advances
+            if length > 1:
+                positions = positions + torch.arange(length, device=tokens.device)  # (B, L)
+            plan = self.planner.plan(cache, slots, positions)
+            if advance is not None:
+                positions = positions * advance[:, None]  # riders embed at position 0: always in range
+            x = self.model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
+            hidden = self.layers.run(x, plan)  # (B, L, dim)
+            logits = self.layers.logits(hidden[:, -1:] if last_only else hidden)
+            cache.lengths[slots] += length if advance is None else advance * length  # last: a step that raised
+            return logits  # left every position where it was, so running it again is exact
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """End of the prefill chunk starting at `start`: the next multiple of the chunk size, at most `end`."""
+        return min(end, (start // self.prefill_chunk + 1) * self.prefill_chunk)
+
+    def read_chunk(self, slot: int, tokens: Tensor) -> Tensor:
+        """Feed one prefill chunk of tokens (L,) to `slot` -> logits (num_tokens,) after its last token."""
+        slots = torch.tensor([slot], device=self.cache.lengths.device)
+        return self.step(slots, tokens[None], last_only=True)[0, 0]
+
+    def prefill(self, slot: int, tokens: Sequence[int] | Tensor) -> Tensor:
+        """Feed a prompt to one slot chunk by chunk -> logits (num_tokens,) after its last token."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.cache.lengths.device)
+        if tokens.numel() == 0:
+            raise ValueError("cannot prefill an empty prompt")
+        start, logits = 0, None
+        while start < tokens.numel():
+            position = self.position(slot)
+            end = start + self.chunk_end(position, position + tokens.numel() - start) - position
+            logits = self.read_chunk(slot, tokens[start:end])
+            start = end
+        return logits
+
+    def decode(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
+        """One token (B,) for each of slots (B,) -> next-token logits (B, num_tokens)."""
+        return self.step(slots, tokens[:, None], advance)[:, 0]
+
+    def decode_all(self, tokens: Tensor) -> Tensor:
+        """One token for every slot (num_slots,) -> next-token logits (num_slots, num_tokens).
+
+        Slots without a running text decode too (their output is ignored): the step's shapes never change.
+        """
+        return self.decode(ALL_SLOTS, tokens)
