@@ -5,14 +5,12 @@ The server does not use this loop (its engine batches requests that come and go)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from model.decoder import Decoder
-from model.positions import ContextLimitError
 from model.sampling import SamplingParams, SequenceSampler, sample_batch
 
 if TYPE_CHECKING:
@@ -80,25 +78,3 @@ def generate_uncached(
         logits = model(out[:, -model.max_seq_len :])[:, -1]
         out = torch.cat((out, next_tokens(logits, samplers)[:, None]), dim=1)
     return out[:, prime.shape[1] :]
-
-
-def stream_tokens(
-    decoder: Decoder, slot: int, prompt: Sequence[int], sampler: SequenceSampler, max_tokens: int
-) -> Iterator[int]:
-    """Yield up to max_tokens sampled token ids after the prompt, one slot, as they are produced.
-
-    Stops early, without error, where a model with absolute positions reaches max_seq_len.
-    """
-    decoder.reset(slot)
-    sampler.observe_prompt(prompt)
-    limit = decoder.context_limit
-    if limit is not None and len(prompt) > limit:
-        raise ContextLimitError(f"the prompt has {len(prompt)} tokens, more than max_seq_len {limit}")
-    logits = decoder.prefill(slot, prompt)
-    slots = torch.tensor([slot], device=logits.device)
-    for index in range(max_tokens):
-        token = next_tokens(logits[None], [sampler])
-        yield int(token[0])
-        if index + 1 == max_tokens or (limit is not None and decoder.position(slot) >= limit):
-            return
-        logits = decoder.decode(slots, token)[0]

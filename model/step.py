@@ -153,8 +153,7 @@ class StepPlanner:
 
 
 # On a CPU, PyTorch's fused attention runs one small product per (slot, head) row of a decode step; from this
-# many rows on, two batched matrix products over all rows read the cache faster (a step of 32 slots x 4 heads:
-# 4.55 -> 4.06 ms, measured in turns).
+# many rows on, two batched matrix products over all rows read the cache faster (server/bench/README.md).
 # Float32 only: the fused kernel keeps half-precision scores in float32, the batched products would not.
 CPU_BATCHED_DECODE_ROWS = 32
 

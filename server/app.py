@@ -54,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         state.draining = True
         if state.engine is not None:
-            state.engine.stop()
+            state.engine.shutdown()
 
 
 def create_app(
@@ -82,7 +82,7 @@ async def drain(state: ServerState, timeout: float) -> None:
     engine = state.engine
     if engine is None:
         return
-    engine.accepting = False
+    engine.stop_accepting()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while engine.busy and loop.time() < deadline:

@@ -130,3 +130,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from WINDOWLM_* variables, overridden by the flags given."""
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     return Settings(**overrides)
+
+
+def weights_folder(given: str | Path | None) -> Path:
+    """A command's --weights, else WINDOWLM_WEIGHTS, else the bundled model: the same default as `windowlm
+    serve`. Raises SystemExit with a one-line message when it is not a checkpoint folder."""
+    folder = Settings().weights if given is None else Path(given)
+    if not (folder / "config.json").is_file():
+        what = "the bundled model" if given is None else "--weights"
+        raise SystemExit(f"windowlm: {what} at {folder} is not a checkpoint folder (no config.json)")
+    return folder

@@ -12,8 +12,10 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from model.sampling import SamplingParams
+if TYPE_CHECKING:  # the scheduler, which holds requests, imports no torch
+    from model.sampling import SamplingParams
 
 
 @dataclass
@@ -25,7 +27,7 @@ class TokenEvent:
 
 @dataclass
 class FinishEvent:
-    reason: str  # "stop" | "length" | "cancelled" | "error"
+    reason: str  # "stop" | "length" | "error" (a cancelled request gets no event: nobody reads it)
     message: str | None = None
 
 
@@ -44,7 +46,7 @@ class EngineRequest:
     tag: int = 0
     id: int = field(default_factory=lambda: next(_request_ids))
     cancelled: bool = False
-    stop_requested: bool = False  # ended by its client at a stop sequence: a normal end, not a failure
+    stop_sequence_reached: bool = False  # its text reached a stop sequence: a normal end, not a failure
     finished: bool = False
     arrived_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
@@ -86,9 +88,9 @@ class EngineRequest:
         self.cancelled = True
         self.wake()
 
-    def stop(self) -> None:
+    def reached_stop_sequence(self) -> None:
         """End the request early because its text reached a stop sequence."""
-        self.stop_requested = True
+        self.stop_sequence_reached = True
         self.wake()
 
     def mark_delivered(self, count: int) -> None:

@@ -92,7 +92,7 @@ class RequestGate:
             metrics = self.state.metrics
             metrics.requests.labels(endpoint=endpoint_label(scope["path"]), status=str(status)).inc()
             if 400 <= status < 500 and status not in (401, 404, 429, 499):
-                metrics.request_failures.labels(reason="validation").inc()
+                metrics.failed("validation")
 
     def refusal(self, scope: Scope) -> APIError | None:
         """The answer to give from the request head alone, or None to go on."""

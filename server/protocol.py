@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from model.sampling import FLOAT32_MAX, FLOAT32_TINY
+from model.sampling import FLOAT32_MAX, FLOAT32_TINY, SamplingParams
 from model.tokenizer import VOCAB_SIZE
 from server.config import Settings
 from server.errors import InvalidRequest
@@ -51,6 +51,8 @@ Prompt = Annotated[Text, Field(min_length=1)] | Texts | TokenIds | TokenIdLists
 StopText = Annotated[Text, Field(min_length=1)]
 
 STRICT = ConfigDict(extra="forbid", strict=True)
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+SAMPLING = SamplingParams()  # the defaults of every sampling field, declared once, in model.sampling
 
 
 def check_prompt_tokens(count: int, settings: Settings, param: str) -> None:
@@ -74,16 +76,16 @@ class CompletionRequest(BaseModel):
 
     model: Text
     prompt: Prompt
-    max_tokens: integer(ge=1) | None = 16
-    temperature: float | None = Field(1.0, ge=0, le=2)
+    max_tokens: integer(ge=1) | None = DEFAULT_MAX_TOKENS
+    temperature: float | None = Field(SAMPLING.temperature, ge=0, le=2)
     # The float32 bounds are documented here and checked by SamplingParams.validate, whose message says why.
-    top_p: float | None = Field(1.0, gt=0, le=1, json_schema_extra={"minimum": FLOAT32_TINY})
-    top_k: integer(ge=-1) | None = 0
-    min_p: float | None = Field(0.0, ge=0, le=1)
-    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    top_p: float | None = Field(SAMPLING.top_p, gt=0, le=1, json_schema_extra={"minimum": FLOAT32_TINY})
+    top_k: integer(ge=-1) | None = SAMPLING.top_k
+    min_p: float | None = Field(SAMPLING.min_p, ge=0, le=1)
+    presence_penalty: float | None = Field(SAMPLING.presence_penalty, ge=-2, le=2)
+    frequency_penalty: float | None = Field(SAMPLING.frequency_penalty, ge=-2, le=2)
     repetition_penalty: float | None = Field(
-        1.0, gt=0, json_schema_extra={"minimum": FLOAT32_TINY, "maximum": FLOAT32_MAX}
+        SAMPLING.repetition_penalty, gt=0, json_schema_extra={"minimum": FLOAT32_TINY, "maximum": FLOAT32_MAX}
     )
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(None, validate_default=True)
     seed: integer(ge=-(2**63), lt=2**64) | None = None

@@ -1,24 +1,26 @@
-"""The model side of the engine: prompt chunks, batched decode steps and sampling on the Decoder's slots.
+"""The runner: carries out a step's plan on the Decoder and the sampler, and returns tokens and logprobs.
 
-The runner knows slots, token ids and tensors; which slots run, and what becomes of their requests, is the
-engine's business. A fault inside a step fails only the slots it belongs to: a batched decode step that raises
-is run again slot by slot, and a batch that cannot be sampled is sampled row by row, both exact because decoding
-and sampling are batch-invariant (see `sample` for the one exception).
+It knows slots, token ids and tensors; which slots run, and what becomes of their requests, is the scheduler's
+business. A fault inside a step fails only the slots it belongs to: a prompt chunk that raises fails its slot,
+a batched decode step that raises is run again slot by slot, and a batch that cannot be sampled is sampled
+row by row, all exact because decoding and sampling are batch-invariant (see `sample` for the one exception).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from model.decoder import Decoder
-from model.sampling import FAILED_TOKEN, SampleResult, SamplingParams, SequenceSampler, sample_batch
+from model.sampling import FAILED_TOKEN, SampleResult, SequenceSampler, sample_batch
 from model.transformer import LocalTransformer
 from server.engine_request import EngineRequest
 from server.faults import FaultInjector
+from server.scheduler import DecodeRow, PromptChunk, SampledToken, StepOutput, StepPlan
 
 logger = logging.getLogger("windowlm.engine")
 
@@ -35,67 +37,102 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.decoder = Decoder(model, num_slots=num_slots, prefill_chunk=prefill_chunk)
+        self.samplers: list[SequenceSampler | None] = [None] * num_slots
         self.faults = faults
-
-    @property
-    def context_limit(self) -> int | None:
-        return self.decoder.context_limit
-
-    def start(self, slot: int, params: SamplingParams, prompt: list[int]) -> SequenceSampler:
-        """Begin a sequence in `slot`: an empty cache, and the sampler that has seen its prompt."""
-        sampler = SequenceSampler(params, self.model.num_tokens, device=self.device)
-        sampler.observe_prompt(prompt)
-        self.decoder.reset(slot)
-        return sampler
 
     def chunk_end(self, start: int, end: int) -> int:
         return self.decoder.chunk_end(start, end)
 
-    def read_chunk(self, slot: int, tokens: list[int]) -> Tensor:
-        """Feed prompt tokens to `slot` -> the logits after the last one (1, V)."""
-        return self.decoder.read_chunk(slot, torch.tensor(tokens, device=self.device))[None]
+    def start(self, slot: int, request: EngineRequest) -> None:
+        """Begin the request's sequence in `slot`: an empty cache, and a sampler that has seen its prompt."""
+        sampler = SequenceSampler(request.params, self.model.num_tokens, device=self.device)
+        sampler.observe_prompt(request.prompt)
+        self.decoder.reset(slot)
+        self.samplers[slot] = sampler
 
-    def decode(
-        self, slots: list[int], tokens: list[int], requests: list[EngineRequest]
-    ) -> tuple[list[int], Tensor, dict[int, str]]:
-        """One token for each of `slots` (ascending) -> (the slots that ran, their logits (B, V), errors by slot).
+    def run(self, plan: StepPlan) -> StepOutput:
+        """Read the plan's prompt chunks, run one batched decode step over its decode rows, and sample a token
+        for every slot that finished its prompt or decoded."""
+        output = StepOutput()
+        to_sample: list[int] = []
+        rows: list[Tensor] = []  # (1, V) or (B, V) logits, in the order of to_sample
+        for chunk in plan.prompt_chunks:
+            logits = self.read_chunk(chunk, output)  # (1, V), or None when the chunk failed
+            if logits is not None and chunk.completes_prompt:
+                to_sample.append(chunk.slot)
+                rows.append(logits)
+        started = time.perf_counter()
+        if plan.decode_rows:
+            ran, logits = self.decode(plan.decode_rows, output.errors)  # (len(ran), V)
+            to_sample += ran
+            rows.append(logits)
+        if to_sample:
+            self.sample(to_sample, torch.cat(rows), output)
+        if plan.decode_rows:
+            output.decode_seconds = time.perf_counter() - started
+        return output
+
+    def read_chunk(self, chunk: PromptChunk, output: StepOutput) -> Tensor | None:
+        """Feed one prompt chunk to its slot -> the logits after its last token (1, V); None if it failed."""
+        try:
+            tokens = torch.tensor(chunk.tokens, device=self.device)  # (L,)
+            logits = self.decoder.read_chunk(chunk.slot, tokens)[None]  # (1, V)
+        except Exception as error:  # this prompt cannot be read: its slot fails alone
+            logger.exception("reading the prompt of request %d failed", chunk.request.id)
+            output.errors[chunk.slot] = f"reading the prompt failed: {error}"
+            return None
+        output.read.append(chunk)
+        return logits
+
+    def decode(self, rows: list[DecodeRow], errors: dict[int, str]) -> tuple[list[int], Tensor]:
+        """One token for each row (slots ascending) -> (the slots that ran, their logits (B, V)).
 
         If the batched step raises, each slot is run alone. A failed step leaves every slot where it was:
         positions advance only at the end of a step, and the ring rows it wrote are written again, with the same
         values, by the retry.
         """
         try:
-            return slots, self.decode_slots(slots, tokens, requests), {}
+            return [row.slot for row in rows], self.decode_rows(rows)
         except Exception:
-            logger.exception("a decode step of %d slots failed; running each slot alone", len(slots))
-        ran, rows, errors = [], [], {}
-        for slot, token, request in zip(slots, tokens, requests, strict=True):
+            logger.exception("a decode step of %d slots failed; running each slot alone", len(rows))
+        ran, logits = [], []
+        for row in rows:
             try:
-                rows.append(self.decode_slots([slot], [token], [request]))
-                ran.append(slot)
+                logits.append(self.decode_rows([row]))
+                ran.append(row.slot)
             except Exception as error:
-                logger.exception("the decode step of request %d failed", request.id)
-                errors[slot] = f"the decode step failed: {error}"
-        return ran, torch.cat(rows) if rows else torch.empty(0), errors
+                logger.exception("the decode step of request %d failed", row.request.id)
+                errors[row.slot] = f"the decode step failed: {error}"
+        return ran, torch.cat(logits) if logits else torch.empty(0, self.model.num_tokens, device=self.device)
 
-    def decode_slots(self, slots: list[int], tokens: list[int], requests: list[EngineRequest]) -> Tensor:
-        """One decode step over slots [first, last] of `slots` in place -> logits (len(slots), V).
+    def decode_rows(self, rows: list[DecodeRow]) -> Tensor:
+        """One decode step over slots [first, last] of the rows, in place -> logits (len(rows), V).
 
         Slots are admitted lowest index first, so the generating ones mostly fill a prefix; slots in that range
         that are free, paused or still reading their prompt ride along without advancing."""
         if self.faults is not None:
-            self.faults.check_step(requests)
-        first, span = slots[0], slots[-1] + 1 - slots[0]
-        fed = torch.tensor(tokens)  # (B,)
+            self.faults.check_step([row.request for row in rows])
+        first, span = rows[0].slot, rows[-1].slot + 1 - rows[0].slot
+        fed = torch.tensor([row.token for row in rows])  # (B,)
         advance = None
-        if len(slots) < span:  # some slots of the range ride along
-            rows = torch.tensor(slots) - first  # (B,)
-            fed = torch.zeros(span, dtype=torch.long).index_copy_(0, rows, fed)  # (span,)
-            advance = torch.zeros(span, dtype=torch.bool).index_fill_(0, rows, True).to(self.device)  # (span,)
+        if len(rows) < span:  # some slots of the range ride along
+            offsets = torch.tensor([row.slot - first for row in rows])  # (B,)
+            fed = torch.zeros(span, dtype=torch.long).index_copy_(0, offsets, fed)  # (span,)
+            advance = torch.zeros(span, dtype=torch.bool).index_fill_(0, offsets, True).to(self.device)  # (span,)
         logits = self.decoder.decode(slice(first, first + span), fed.to(self.device), advance)  # (span, V)
-        return logits if advance is None else logits[rows.to(self.device)]
+        return logits if advance is None else logits[offsets.to(self.device)]
 
-    def sample(self, samplers: Sequence[SequenceSampler], logits: Tensor) -> SampleResult:
+    def sample(self, slots: list[int], logits: Tensor, output: StepOutput) -> None:
+        """One token for each of `slots` from its row of logits (B, V); a row that cannot be sampled fails."""
+        result = self.sample_rows([self.samplers[slot] for slot in slots], logits)
+        tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()  # one device sync for the batch
+        for row, slot in enumerate(slots):
+            if result.errors[row] is not None:
+                output.errors[slot] = f"sampling failed: {result.errors[row]}"
+            else:
+                output.sampled.append(SampledToken(slot, tokens[row], logprobs[row], result.top_logprobs[row]))
+
+    def sample_rows(self, samplers: Sequence[SequenceSampler], logits: Tensor) -> SampleResult:
         """sample_batch; if it raises, row by row, so that only a row that cannot be sampled fails. (Rows of a
         batch that raised after its random draws draw again: their text stays valid, but a seeded one is no
         longer what it would be alone. sample_batch raises only on a bug: bad logits fail a row, not the batch.)"""
@@ -106,7 +143,7 @@ class ModelRunner:
             if len(samplers) == 1:
                 message = f"{type(error).__name__}: {error}"
                 return SampleResult(torch.full((1,), FAILED_TOKEN), torch.zeros(1), [[]], [message])
-        rows = [self.sample([sampler], logits[row : row + 1]) for row, sampler in enumerate(samplers)]
+        rows = [self.sample_rows([sampler], logits[row : row + 1]) for row, sampler in enumerate(samplers)]
         return SampleResult(
             torch.cat([one.tokens.cpu() for one in rows]),
             torch.cat([one.logprobs.cpu() for one in rows]),

@@ -138,7 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             server.should_exit = True
             if state.engine is not None:
-                state.engine.stop()
+                state.engine.shutdown()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

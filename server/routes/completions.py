@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from model.tokenizer import ByteTokenizer
 from server.body import json_body
-from server.completions import ChoiceDelta, ChoiceText, GenerationFailed, engine_requests, run_choices
+from server.choices import ChoiceDelta, ChoiceText, GenerationFailed, merge_choice_events
 from server.engine import EngineOverloaded, EngineStopped
 from server.engine_request import EngineRequest
 from server.errors import APIError, InvalidRequest, NotFound, Overloaded, Unavailable, error_body
@@ -22,6 +22,7 @@ from server.openapi import error_responses, json_request_body
 from server.protocol import Completion, CompletionChoice, CompletionRequest, Logprobs, Usage
 from server.sse import DONE, PING, EventStreamResponse, sse_data
 from server.state import EngineDep, StateDep
+from server.submission import engine_requests
 
 router = APIRouter()
 tokenizer = ByteTokenizer()
@@ -60,7 +61,7 @@ async def create_completion(
     try:
         engine.submit(requests)
     except EngineOverloaded as error:
-        state.metrics.request_failures.labels(reason="overloaded").inc()
+        state.metrics.failed("overloaded")
         raise Overloaded(f"the server is at capacity ({error}); retry later", code="overloaded") from error
     except EngineStopped as error:
         raise Unavailable(str(error)) from error
@@ -112,7 +113,7 @@ class CompletionReply:
         try:
             if any(self.echo):
                 yield self.chunk([delta_dict(ChoiceDelta(c.index, self.echo[i])) for i, c in enumerate(choices)])
-            async for deltas in run_choices(requests, choices, idle_seconds):
+            async for deltas in merge_choice_events(requests, choices, idle_seconds):
                 if deltas is None:
                     yield PING
                     continue
@@ -133,7 +134,7 @@ class CompletionReply:
         logprobs = {choice.index: Logprobs() if choice.want_logprobs else None for choice in choices}
 
         async def collect() -> None:
-            async for deltas in run_choices(requests, choices, idle_seconds=3600):
+            async for deltas in merge_choice_events(requests, choices, idle_seconds=3600):
                 for delta in deltas or []:
                     texts[delta.index].append(delta.text)
                     if delta.logprobs is not None:

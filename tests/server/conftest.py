@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,10 +15,16 @@ import httpx
 import pytest
 import torch
 
-from server.bench_serve import free_port
 from weights.io import ModelConfig, save_checkpoint
 
 TEST_MODEL = "tiny"
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_checkpoint(folder: Path, **overrides) -> Path:
@@ -76,7 +83,8 @@ class ServerProcess:
                     return sample.value
         return 0.0
 
-    def wait_metric(self, name: str, expected: float, timeout: float = 5, **labels: str) -> float:
+    def wait_metric(self, name: str, expected: float, timeout: float = 30, **labels: str) -> float:
+        """The metric once it equals `expected`; the timeout only guards against a hang."""
         deadline = time.monotonic() + timeout
         value = self.metric(name, **labels)
         while value != expected and time.monotonic() < deadline:

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.decoder import Decoder
-from model.generate import stream_tokens
-from model.sampling import SamplingParams, SequenceSampler
+from model.sampling import SamplingParams
 from model.tokenizer import ByteTokenizer
+from tests.generation import tokens_alone
 from weights.io import ModelConfig, save_checkpoint
 
 
@@ -34,8 +33,7 @@ def expected_text(checkpoint: Path, prompt: str, tokens: int, seed: int) -> str:
     from weights.io import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
-    sampler = SequenceSampler(SamplingParams(temperature=0.8, seed=seed), 256)
-    ids = list(stream_tokens(Decoder(model, num_slots=1), 0, ByteTokenizer().encode(prompt), sampler, tokens))
+    ids = tokens_alone(model, ByteTokenizer().encode(prompt), SamplingParams(temperature=0.8, seed=seed), tokens)
     return ByteTokenizer().decode(ids)
 
 

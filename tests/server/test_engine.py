@@ -7,11 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from model.decoder import Decoder
-from model.generate import stream_tokens
-from model.sampling import SamplingParams, SequenceSampler
+from model.sampling import SamplingParams
 from server.engine import Engine, EngineOverloaded, EngineRequest, FinishEvent, TokenEvent
 from server.metrics import Metrics
+from tests.generation import tokens_alone
 from tests.server.conftest import make_checkpoint
 from weights.io import load_checkpoint
 
@@ -30,13 +29,20 @@ def run_engine(model, coroutine_factory, **options) -> object:
     try:
         return asyncio.run(coroutine_factory(engine))
     finally:
-        engine.stop()
+        engine.shutdown()
         engine.join()
 
 
 def alone(model, prompt: list[int], tokens: int) -> list[int]:
-    sampler = SequenceSampler(GREEDY, 256)
-    return list(stream_tokens(Decoder(model, num_slots=1), 0, prompt, sampler, tokens))
+    return tokens_alone(model, prompt, GREEDY, tokens)
+
+
+async def until(condition, timeout: float = 60) -> None:
+    """Wait for the engine's observable state; the timeout only guards against a hang."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
 
 
 async def collect(events: asyncio.Queue, count: int) -> dict[int, list]:
@@ -99,10 +105,7 @@ def test_queue_limit_and_cancelled_waiting_request(model) -> None:
         waiting.cancel()
         await events.get()
         running.cancel()
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if not engine.busy:
-                break
+        await until(lambda: not engine.busy)
         started = engine.metrics.registry.get_sample_value("windowlm_queue_time_seconds_count")
         return started, engine.busy
 
@@ -146,7 +149,7 @@ def test_a_request_whose_reader_falls_behind_pauses_then_stalls(model) -> None:
         events: asyncio.Queue = asyncio.Queue()
         request = EngineRequest(list(b"slow reader"), GREEDY, 10_000, asyncio.get_running_loop(), events)
         engine.submit([request])
-        await asyncio.sleep(0.4)
+        await until(lambda: request.paused_since is not None)  # the engine waits for its reader
         paused_at = events.qsize()  # nothing was marked delivered: the engine stopped at the buffer
         request.mark_delivered(paused_at)  # the reader catches up: generation goes on
         while events.qsize() < paused_at + 2:

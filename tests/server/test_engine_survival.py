@@ -106,15 +106,15 @@ def test_clients_that_stop_reading_are_paused_then_ended(relative_checkpoint) ->
     body = {"model": TEST_MODEL, "prompt": "x", "max_tokens": 16000, "n": 8, "logprobs": 20, "stream": True}
     sockets = [open_without_reading(server, body) for _ in range(3)]
     try:
-        time.sleep(10)
+        # once the socket buffers are full, every stream is paused (the timeout guards against a hang)
+        assert server.wait_metric("windowlm_requests_paused", 24, timeout=120) == 24
         rss_start = resident_mb(server.process.pid)
         generated = server.metric("windowlm_generation_tokens_total")
-        time.sleep(25)
+        time.sleep(5)
         assert server.metric("windowlm_generation_tokens_total") == generated  # paused: nothing more generated
         assert server.metric("windowlm_kv_slots_used") == 24  # but still holding their places
-        time.sleep(25)  # past the stall timeout
+        assert server.wait_metric("windowlm_kv_slots_used", 0, timeout=120) == 0  # past the stall timeout
         assert resident_mb(server.process.pid) - rss_start < 50
-        assert server.metric("windowlm_kv_slots_used") == 0
         # ended by the engine's stall timeout or by the stream's write timeout, whichever came first
         stalled = server.metric("windowlm_request_failures_total", reason="stalled")
         assert stalled + server.metric("windowlm_request_failures_total", reason="cancelled") == 24
@@ -147,9 +147,9 @@ def test_requests_whose_clients_left_while_queued_never_start(relative_checkpoin
                 assert server.wait_metric("windowlm_requests_waiting", 5) == 5
                 for sock in queued:
                     sock.close()
-            assert server.wait_metric("windowlm_kv_slots_used", 0, timeout=5) == 0
-            time.sleep(0.3)
-            assert server.metric("windowlm_queue_time_seconds_count") == admitted  # none of the queue started
             assert server.wait_metric("windowlm_request_failures_total", 6 * round_, reason="cancelled") == 6 * round_
+            assert server.wait_metric("windowlm_requests_waiting", 0) == 0
+            assert server.metric("windowlm_kv_slots_used") == 0
+            assert server.metric("windowlm_queue_time_seconds_count") == admitted  # none of the queue started
     finally:
         server.stop()

@@ -67,9 +67,9 @@ def test_full_server_answers_429_and_streams_go_on(tiny: ServerProcess) -> None:
     second = Stream(tiny, ENDLESS, AUTH)  # waits in the queue
     try:
         first.read_tokens(3)
-        started = time.monotonic()
-        response = httpx.post(f"{tiny.url}/v1/completions", json={**ENDLESS, "stream": False}, headers=AUTH)
-        assert time.monotonic() - started < 2
+        assert tiny.wait_metric("windowlm_requests_waiting", 1) == 1
+        # at once, not after waiting in a queue: the timeout is a hang guard far below the endless stream's life
+        response = httpx.post(f"{tiny.url}/v1/completions", json={**ENDLESS, "stream": False}, headers=AUTH, timeout=20)
         assert response.status_code == 429 and response.headers["retry-after"] == "1"
         assert response.json()["error"]["type"] == "rate_limit_error"
         first.read_tokens(5)  # the running stream is unaffected
@@ -88,11 +88,14 @@ def test_disconnected_stream_frees_its_slot_and_a_queued_one_never_starts(tiny: 
     assert tiny.metric("windowlm_kv_slots_used") == 1
     queued = Stream(tiny, ENDLESS, AUTH)
     assert tiny.wait_metric("windowlm_requests_waiting", 1) == 1
-    queued.close()  # leaves while waiting
-    time.sleep(0.3)
+    queued.close()  # leaves while waiting: its queue place is freed at the next step
+    assert tiny.wait_metric("windowlm_request_failures_total", cancelled_before + 1, reason="cancelled") == (
+        cancelled_before + 1
+    )
+    assert tiny.metric("windowlm_requests_waiting") == 0
     running.read_tokens(3)
     running.close()  # leaves mid-stream
-    assert tiny.wait_metric("windowlm_kv_slots_used", 0, timeout=2) == 0
+    assert tiny.wait_metric("windowlm_kv_slots_used", 0) == 0
     assert tiny.wait_metric("windowlm_requests_waiting", 0) == 0
     assert tiny.metric("windowlm_queue_time_seconds_count") == admitted_before + 1  # only the running one started
     assert tiny.wait_metric("windowlm_request_failures_total", cancelled_before + 2, reason="cancelled") == (
@@ -105,9 +108,7 @@ def test_a_stream_waiting_for_a_slot_gets_pings(tiny: ServerProcess) -> None:
     waiting = Stream(tiny, ENDLESS, AUTH)
     try:
         running.read_tokens(2)
-        started = time.monotonic()
-        assert next(waiting.lines) == ": ping"
-        assert time.monotonic() - started < 2
+        assert next(waiting.lines) == ": ping"  # read with the client's timeout as the hang guard
     finally:
         running.close()
         waiting.close()
@@ -124,13 +125,13 @@ def test_an_echo_stream_left_at_its_first_chunk_frees_its_slot(tiny: ServerProce
     stream = Stream(tiny, {**ENDLESS, "echo": True}, AUTH)
     next(stream.lines)
     stream.close()
-    assert tiny.wait_metric("windowlm_kv_slots_used", 0, timeout=3) == 0
+    assert tiny.wait_metric("windowlm_kv_slots_used", 0) == 0
 
 
 def test_non_streaming_request_is_aborted_when_its_client_leaves(tiny: ServerProcess) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{tiny.url}/v1/completions", json={**ENDLESS, "stream": False}, headers=AUTH, timeout=0.5)
-    assert tiny.wait_metric("windowlm_kv_slots_used", 0, timeout=3) == 0
+    assert tiny.wait_metric("windowlm_kv_slots_used", 0) == 0
 
 
 def test_health_ready_and_metrics_parse(tiny: ServerProcess) -> None:

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from model.decoder import Decoder
-from model.generate import stream_tokens
-from model.sampling import SamplingParams, SequenceSampler
+from model.sampling import SamplingParams
 from model.tokenizer import ByteTokenizer
+from tests.generation import tokens_alone
 from weights.data import shakespeare_corpus
 from weights.evaluate import evaluate_bits_per_byte
 from weights.io import load_checkpoint
@@ -48,8 +47,7 @@ def test_recorded_held_out_bits_per_byte_match_a_fresh_evaluation(bundled, shake
 def test_bundled_model_writes_english_words(bundled) -> None:
     model, _ = bundled
     tokenizer = ByteTokenizer()
-    sampler = SequenceSampler(SamplingParams(temperature=0.5, seed=0), 256)
-    ids = stream_tokens(Decoder(model, num_slots=1), 0, tokenizer.encode("ROMEO:\n"), sampler, 300)
+    ids = tokens_alone(model, tokenizer.encode("ROMEO:\n"), SamplingParams(temperature=0.5, seed=0), 300)
     words = tokenizer.decode(list(ids)).lower().split()
     common = {"the", "and", "i", "to", "of", "my", "you", "a", "that", "is", "in", "not", "me", "with", "it"}
     assert sum(word.strip(",.;:!?'") in common for word in words) >= len(words) // 5

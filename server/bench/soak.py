@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import socket
 import tempfile
@@ -29,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from server.bench_http import Received, http_request, parse_head, sse_data
-from server.bench_probe import log_tail, rss_mb, sample_rss, settled_gauges, stop_server
-from server.bench_serve import MODEL_ID, free_port, start_server
+from server.bench.http import Received, http_request, parse_head, sse_data
+from server.bench.machine import finish_machine_state, machine_state
+from server.bench.probe import log_tail, rss_mb, sample_rss, settled_gauges, stop_server
+from server.bench.serve import MODEL_ID, free_port, start_server
 
 PROMPTS = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows"
 REQUEST_TIMEOUT = 300.0  # seconds one request may take, queueing included, before the client gives up
@@ -236,22 +233,16 @@ def soak_server(weights: Path, args: argparse.Namespace, clients: int) -> dict[s
 
 
 def run_soak_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from server.cli import weights_folder
+    from server.config import weights_folder
 
     weights = weights_folder(args.weights)
     clients = max(1, round(args.load * args.max_batch_size))
-    load_start = os.getloadavg()
+    machine = machine_state()
     results = soak_server(weights, args, clients)
     settings = ("duration", "load", "max_batch_size", "max_queue", "disconnect_share", "nonreading_share", "seed")
     report = {
         "settings": {"weights": weights.name, "clients": clients, **{name: getattr(args, name) for name in settings}},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "load_average_start": load_start,
-            "load_average_end": os.getloadavg(),
-        },
+        "machine": finish_machine_state(machine),
         **results,
     }
     if args.out:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import socket
 import statistics
@@ -27,7 +26,9 @@ from typing import IO, Any
 import torch
 
 from model.sampling import SamplingParams
-from server.bench import BENCH_MODEL, batched_tokens_per_second_in_turns
+from server.bench.decode import batched_tokens_per_second_in_turns
+from server.bench.machine import finish_machine_state, machine_state
+from server.bench.timing import BENCH_MODEL
 from server.engine import Engine, EngineRequest, FinishEvent, TokenEvent
 from server.metrics import Metrics
 
@@ -167,7 +168,7 @@ def engine_tokens_per_second(model: torch.nn.Module, concurrency: int, max_token
         try:
             asyncio.run(consume())
         finally:
-            engine.stop()
+            engine.shutdown()
 
     thread = threading.Thread(target=consumer)
     thread.start()
@@ -229,7 +230,7 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
         weights = Path(args.weights) if args.weights else bench_checkpoint(Path(scratch) / "bench")
         model, _ = load_checkpoint(weights)
         port = free_port()
-        load_before = os.getloadavg()
+        machine = machine_state()
         server = start_server(weights, port, max(args.concurrency))
         try:
             asyncio.run(one_round(port, 1, 16))  # warm up
@@ -240,7 +241,7 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     by_level = {r["concurrency"]: r for r in rounds}
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "load_average_before": load_before},
+        "machine": machine,
         "model": str(weights) if args.weights else dict(BENCH_MODEL, use_abs_pos_emb=False),
         "max_tokens": args.max_tokens,
         "rounds": rounds,
@@ -250,7 +251,7 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     if 1 in by_level:
         report["single_stream_http_over_engine"] = by_level[1]["http_over_engine"]
     report["plot"] = plot(rounds, Path(args.plot))
-    report["machine"]["load_average_after"] = os.getloadavg()
+    finish_machine_state(machine)
     return report
 
 
