@@ -181,3 +181,23 @@ def test_a_waiting_request_whose_connection_closed_is_never_started(model) -> No
     seen, started = run_engine(model, scenario, max_batch_size=1)
     assert list(seen) == [1] and started == 1
     assert seen[1][-1] == FinishEvent("length")
+
+
+def test_generation_ends_exactly_at_the_context_limit(tmp_path) -> None:
+    """A model of 24 absolute positions: a prompt of 20 gets 5 tokens (fed at 20..23, the fifth never fed),
+    then "length", however many were asked for; a prompt that fills the context still gets one."""
+    folder = make_checkpoint(tmp_path / "ckpt", use_abs_pos_emb=True, max_seq_len=24)
+    bounded = load_checkpoint(folder)[0]
+    prompts = [list(b"twenty bytes of text"), list(b"exactly twenty-four byte")]
+
+    async def scenario(engine: Engine) -> dict[int, list]:
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        engine.submit([EngineRequest(p, GREEDY, 1000, loop, events, tag=i) for i, p in enumerate(prompts)])
+        return await collect(events, len(prompts))
+
+    seen = run_engine(bounded, scenario)
+    for tag, (prompt, expected) in enumerate(zip(prompts, (5, 1), strict=True)):
+        tokens = [event.token for event in seen[tag] if isinstance(event, TokenEvent)]
+        assert len(tokens) == expected and tokens == tokens_alone(bounded, prompt, GREEDY, 1000)
+        assert seen[tag][-1] == FinishEvent("length")
