@@ -12,13 +12,14 @@
 # in for this base (same Debian release, same Python minor version).
 FROM python:3.11.13-slim-bookworm
 
-# torch goes in first, on its own, from TORCH_INDEX_URL. The default is PyPI's torch 2.13.0 for Linux x86_64,
-# which is the CUDA 13.0 build (NVIDIA driver >= 580). For an older driver pick another CUDA build, e.g.
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 --build-arg TORCH_SPEC=torch==2.13.0+cu126
-# and for a small CPU-only image the CPU build (index .../whl/cpu, spec torch==2.13.0+cpu) or a wheel file
-# mounted into the build (docker/smoke.sh does that).
+# torch goes in first, on its own. By default pip takes it from its own configured index: torch 2.13.0 for Linux
+# x86_64 on PyPI is the CUDA 13.0 build (NVIDIA driver >= 580). For an older driver pick another CUDA build from an
+# index that serves PyTorch's builds, e.g.
+#   --build-arg TORCH_INDEX_URL=<that index's CUDA 12.6 URL> --build-arg TORCH_SPEC=torch==2.13.0+cu126
+# and for a small CPU-only image the CPU build (spec torch==2.13.0+cpu, from that index's CPU URL) or a wheel file
+# mounted into the build (docker/smoke.sh does that). An empty TORCH_INDEX_URL passes no --index-url to pip.
 ARG TORCH_SPEC="torch==2.13.0"
-ARG TORCH_INDEX_URL="https://pypi.org/simple"
+ARG TORCH_INDEX_URL=""
 
 LABEL org.opencontainers.image.title="windowlm" \
       org.opencontainers.image.description="OpenAI-compatible inference server for local-attention language models" \
@@ -55,7 +56,7 @@ RUN --mount=type=secret,id=pip_ca \
     if [ -f /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
     && python -c 'import sys, tomllib; p = tomllib.load(open(sys.argv[1], "rb")); print(*p["project"]["dependencies"], *p["build-system"]["requires"], sep="\n")' \
         /tmp/deps/pyproject.toml > /tmp/deps/requirements.txt \
-    && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}" \
+    && pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"} "${TORCH_SPEC}" \
     && pip install --no-cache-dir --requirement /tmp/deps/requirements.txt \
     && rm -rf /tmp/deps
 

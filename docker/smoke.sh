@@ -8,20 +8,22 @@
 #   2. makes the Dockerfile's base image locally: debootstrap --variant=minbase of the same Debian release, with
 #      python3, python3-venv and ca-certificates, imported with podman and tagged with the name in FROM, then
 #      checks that it gives what the Dockerfile uses (the same Python minor version, venv, tomllib, useradd...);
-#   3. builds the Dockerfile with --pull=never and --isolation=chroot; pip reaches PyPI with this machine's CA
-#      bundle, handed in as the build secret pip_ca (never stored in the image), and torch is the CPU wheel
-#      from /opt/wheels, bind-mounted into the build and named by the TORCH_SPEC build argument;
+#   3. builds the Dockerfile with --pull=never and --isolation=chroot; pip reaches its configured index with this
+#      machine's CA bundle, handed in as the build secret pip_ca (never stored in the image), and torch is a CPU
+#      wheel from this machine (SMOKE_TORCH_WHEEL, or the newest in SMOKE_WHEEL_DIR), bind-mounted into the
+#      build and named by the TORCH_SPEC build argument;
 #   4. runs the image with runc and explicit ulimits, waits for /health and /ready, streams one completion with
 #      curl -N, checks the container's user is not root and that the image's HEALTHCHECK passes, then stops
 #      it with SIGTERM and checks it drained and exited 0;
 #   5. removes the container. The images stay, so a second run reuses the base and the build cache.
 #
 # Too heavy for CI (a Debian bootstrap, torch): it is not part of `make test`. Runs as root (rootful podman,
-# debootstrap). Knobs: SMOKE_TORCH_WHEEL (a CPU torch wheel for the base's Python), SMOKE_CA_BUNDLE,
-# SMOKE_PORT, SMOKE_NETWORK (publish | host), SMOKE_STORAGE_DRIVER (e.g. vfs where overlay is refused),
-# SMOKE_REBUILD_BASE=1, SMOKE_KEEP=1 (keep the container), SMOKE_CLEAN=1 (also remove the images and the
-# bootstrap), SMOKE_DIR (work folder outside the build context, default /var/tmp/windowlm-smoke), SMOKE_MIRROR,
-# SMOKE_HEALTH_TIMEOUT (seconds).
+# debootstrap). Knobs: SMOKE_TORCH_WHEEL (a CPU torch wheel for the base's Python) or SMOKE_WHEEL_DIR (a folder
+# holding one; neither has a default), SMOKE_CA_BUNDLE, SMOKE_PORT, SMOKE_NETWORK (publish | host),
+# SMOKE_STORAGE_DRIVER (e.g. vfs where overlay is refused), SMOKE_REBUILD_BASE=1, SMOKE_KEEP=1 (keep the
+# container), SMOKE_CLEAN=1 (also remove the images and the bootstrap), SMOKE_DIR (work folder outside the build
+# context, default /var/tmp/windowlm-smoke), SMOKE_MIRROR (a Debian mirror; unset: debootstrap's own default),
+# SMOKE_INDEX_URL (the build's TORCH_INDEX_URL; unset: pip's configured index), SMOKE_HEALTH_TIMEOUT (seconds).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,13 +32,13 @@ cd "$root"
 image="${SMOKE_IMAGE:-localhost/windowlm:smoke}"
 container="${SMOKE_CONTAINER:-windowlm-smoke}"
 work="${SMOKE_DIR:-/var/tmp/windowlm-smoke}"
-mirror="${SMOKE_MIRROR:-http://deb.debian.org/debian}"
+mirror="${SMOKE_MIRROR:-}"       # empty: debootstrap's own default mirror
 ca_bundle="${SMOKE_CA_BUNDLE:-${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}}"
-index_url="${SMOKE_INDEX_URL:-https://pypi.org/simple}"
+index_url="${SMOKE_INDEX_URL:-}" # empty: pip's configured index
 health_timeout="${SMOKE_HEALTH_TIMEOUT:-300}"
 network="${SMOKE_NETWORK:-publish}"
 
-# runc, not crun: crun fails on this machine's cgroups. Explicit ulimits: podman's defaults are refused here.
+# runc, not crun: crun fails on some hosts' cgroups. Explicit ulimits: some hosts refuse podman's defaults.
 podman=(podman --runtime runc)
 if [ -n "${SMOKE_STORAGE_DRIVER:-}" ]; then
     podman+=(--storage-driver "$SMOKE_STORAGE_DRIVER")
@@ -115,7 +117,7 @@ else
     rootfs="$work/rootfs-$suite"
     if [ ! -f "$work/rootfs-$suite.done" ] || [ "${SMOKE_REBUILD_BASE:-0}" = 1 ]; then
         run rm -rf "$rootfs" "$work/rootfs-$suite.done"
-        run debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$suite" "$rootfs" "$mirror"
+        run debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$suite" "$rootfs" ${mirror:+"$mirror"}
         run rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
         touch "$work/rootfs-$suite.done"
     else
@@ -150,12 +152,13 @@ run "${podman[@]}" run --rm --pull=never --network none "${ulimits[@]}" "$base" 
 # --- 2. the build -----------------------------------------------------------------------------------------------
 python_tag="cp${want_python/./}"
 wheel="${SMOKE_TORCH_WHEEL:-}"
-if [ -z "$wheel" ]; then
-    wheel="$(find /opt/wheels "$work/wheels" -maxdepth 1 -name "torch-*+cpu-$python_tag-$python_tag-*x86_64.whl" 2>/dev/null |
+wheel_folder="${SMOKE_WHEEL_DIR:-}"
+if [ -z "$wheel" ] && [ -n "$wheel_folder" ]; then
+    wheel="$(find "$wheel_folder" -maxdepth 1 -name "torch-*+cpu-$python_tag-$python_tag-*x86_64.whl" 2>/dev/null |
         sort -V | tail -n 1 || true)"
 fi
 [ -n "$wheel" ] && [ -f "$wheel" ] ||
-    die "no CPU torch wheel for $python_tag in /opt/wheels or $work/wheels (set SMOKE_TORCH_WHEEL=/path/to/torch-...+cpu-$python_tag-...whl)"
+    die "no CPU torch wheel for $python_tag: set SMOKE_TORCH_WHEEL=/path/to/torch-...+cpu-$python_tag-...whl, or SMOKE_WHEEL_DIR to a folder holding one"
 wheel_dir="$(cd "$(dirname "$wheel")" && pwd)"
 step "building $image from the Dockerfile (torch: $(basename "$wheel"))"
 run "${podman[@]}" build \
@@ -165,7 +168,7 @@ run "${podman[@]}" build \
     --secret "id=pip_ca,src=$ca_bundle" \
     --volume "$wheel_dir:/wheels:ro" \
     --build-arg "TORCH_SPEC=/wheels/$(basename "$wheel")" \
-    --build-arg "TORCH_INDEX_URL=$index_url" \
+    ${index_url:+--build-arg "TORCH_INDEX_URL=$index_url"} \
     --tag "$image" \
     --file Dockerfile \
     .

@@ -137,47 +137,74 @@ class LocalAttention(nn.Module):
         window cuts and autopadding keep the constructor's window size, as in the reference.
         """
         mask = input_mask if mask is None else mask
-        if window_size is not None and not self.use_xpos:
-            raise ValueError("a forward-time window_size needs xpos (use_xpos=True)")
-        window = self.window_size if window_size is None else window_size
+        window = self._call_window(window_size)
 
         (q, packed_shape), (k, _), (v, _) = (pack([t], "* n d") for t in (q, k, v))  # (B, n, d)
         orig_len = q.shape[1]
         if self.autopad:
             q, k, v = (pad_to_multiple(t, self.window_size, dim=1) for t in (q, k, v))
-
-        batch, seq_len, dim_head = q.shape
+        batch, seq_len, _ = q.shape
         if seq_len % window:
             raise ValueError(f"sequence length {seq_len} must be divisible by window size {window}")
-        windows = seq_len // window
-        scale = self.logit_scale(dim_head)
 
+        bq, bk, bv = self._windowed(q, k, v, window)  # (B, w, W, d), (B, w, F, d), (B, w, F, d)
+        query_positions = torch.arange(seq_len, device=q.device).view(1, seq_len // window, window)  # (1, w, W)
+        key_positions = look_around(query_positions, self.look_backward, self.look_forward, PAD_POSITION)  # (1, w, F)
+        sim = self._scores(bq, bk, query_positions, key_positions, attn_bias)  # (B, w, W, F)
+        blocked = self._blocked(query_positions, key_positions)  # (1, w, W, F)
+        if mask is not None:
+            blocked = blocked | ~self._frame_key_mask(mask, batch, window, seq_len)  # (B, w, W, F)
+
+        out = self._attend(sim, blocked, bv)  # (B, w, W, d)
+        out = rearrange(out, "b w n d -> b (w n) d")[:, :orig_len]
+        (out,) = unpack(out, packed_shape, "* n d")
+        return out
+
+    def _call_window(self, window_size: int | None) -> int:
+        """The window (bucket) size of one call: the constructor's, or a forward-time one (xpos models only)."""
+        if window_size is not None and not self.use_xpos:
+            raise ValueError("a forward-time window_size needs xpos (use_xpos=True)")
+        return self.window_size if window_size is None else window_size
+
+    def _windowed(self, q: Tensor, k: Tensor, v: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, n, d) -> scaled queries per window (B, w, W, d) and the keys, values of each window's
+        frame (B, w, F, d); queries and keys rotated when the attention is rotary."""
         if self.shared_qk:
             k = l2norm(k)
-
         bq, bk, bv = (rearrange(t, "b (w n) d -> b w n d", n=window) for t in (q, k, v))  # (B, w, W, d)
-        bq = bq * scale
+        bq = bq * self.logit_scale(q.shape[-1])
         bk = look_around(bk, self.look_backward, self.look_forward, PAD_POSITION)  # (B, w, F, d)
         bv = look_around(bv, self.look_backward, self.look_forward, PAD_POSITION)  # (B, w, F, d)
         if self.rel_pos is not None:
             bq, bk = self.rel_pos.rotate_queries_and_keys(bq, bk)
+        return bq, bk, bv
 
-        positions = torch.arange(seq_len, device=q.device).view(1, windows, window)  # (1, w, W)
-        query_positions = positions
-        key_positions = look_around(positions, self.look_backward, self.look_forward, PAD_POSITION)
+    def _scores(
+        self,
+        bq: Tensor,
+        bk: Tensor,
+        query_positions: Tensor,
+        key_positions: Tensor,
+        attn_bias: Tensor | None,
+    ) -> Tensor:
+        """Logits (B, w, W, F) of each query against its frame's keys, plus the bias (heads, W, F) when given.
 
+        With shared_qk a query's own key gets a low logit, so it is attended only when nothing else is allowed.
+        """
         sim = bq @ bk.transpose(-1, -2)  # (B, w, W, F)
         if attn_bias is not None:
-            heads = attn_bias.shape[0]
+            batch, heads = bq.shape[0], attn_bias.shape[0]
             if batch % heads:
                 raise ValueError(f"attn_bias has {heads} heads, which do not divide the batch of {batch}")
             sim = sim + repeat(attn_bias, "h i j -> (b h) 1 i j", b=batch // heads)
-
         if self.shared_qk:
             is_self = query_positions[..., :, None] == key_positions[..., None, :]  # (1, w, W, F)
             sim = sim.masked_fill(is_self, SELF_ATTENTION_LOGIT)
+        return sim
 
-        blocked = blocked_keys(
+    def _blocked(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """Keys hidden from each query by position alone (1, w, W, F); see blocked_keys."""
+        return blocked_keys(
             query_positions,
             key_positions,
             causal=self.causal,
@@ -185,22 +212,22 @@ class LocalAttention(nn.Module):
             window_size=self.window_size,
             look_backward=self.look_backward,
             look_forward=self.look_forward,
-        )  # (1, w, W, F)
-        if mask is not None:
-            if batch % mask.shape[0]:
-                raise ValueError(f"mask batch {mask.shape[0]} does not divide the attention batch {batch}")
-            if self.autopad:
-                mask = pad_to_multiple(mask, window, dim=-1, value=False)
-            if mask.shape[-1] != seq_len:
-                raise ValueError(f"mask covers {mask.shape[-1]} positions, the attention {seq_len}")
-            key_mask = rearrange(mask, "... (w n) -> (...) w n", n=window)  # (b, w, W)
-            key_mask = look_around(key_mask, self.look_backward, self.look_forward, False)  # (b, w, F)
-            key_mask = repeat(key_mask, "b w j -> (b h) w 1 j", h=batch // key_mask.shape[0])
-            blocked = blocked | ~key_mask  # (B, w, W, F)
+        )
 
+    def _frame_key_mask(self, mask: Tensor, batch: int, window: int, seq_len: int) -> Tensor:
+        """mask (b, n) of keys to keep -> the kept keys of each window's frame (B, w, 1, F), b dividing B."""
+        if batch % mask.shape[0]:
+            raise ValueError(f"mask batch {mask.shape[0]} does not divide the attention batch {batch}")
+        if self.autopad:
+            mask = pad_to_multiple(mask, window, dim=-1, value=False)
+        if mask.shape[-1] != seq_len:
+            raise ValueError(f"mask covers {mask.shape[-1]} positions, the attention {seq_len}")
+        key_mask = rearrange(mask, "... (w n) -> (...) w n", n=window)  # (b, w, W)
+        key_mask = look_around(key_mask, self.look_backward, self.look_forward, False)  # (b, w, F)
+        return repeat(key_mask, "b w j -> (b h) w 1 j", h=batch // key_mask.shape[0])  # (B, w, 1, F)
+
+    def _attend(self, sim: Tensor, blocked: Tensor, bv: Tensor) -> Tensor:
+        """Softmax of the logits (B, w, W, F) over the keys not blocked, dropout, then the values -> (B, w, W, d)."""
         sim = sim.masked_fill(blocked, -torch.finfo(sim.dtype).max)
         attn = self.dropout(sim.softmax(dim=-1))
-        out = attn @ bv  # (B, w, W, d)
-        out = rearrange(out, "b w n d -> b (w n) d")[:, :orig_len]
-        (out,) = unpack(out, packed_shape, "* n d")
-        return out
+        return attn @ bv

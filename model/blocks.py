@@ -1,7 +1,8 @@
-"""The per-token arithmetic of the transformer's blocks, as plain functions of plain weight records.
+"""The transformer's blocks: the LocalMHA and FeedForward modules, and their per-token arithmetic as plain
+functions of plain weight records.
 
-The modules (LocalMHA, FeedForward) hold the parameters and the state-dict layout; their forward passes run
-these functions on a record of their own tensors. The cached step builds the records once and runs the same
+The modules hold the parameters and the state-dict layout; their forward passes run these functions on a
+record of their own tensors. The cached step builds the records once and runs the same
 functions without calling a module: per decoded token that saves dozens of module calls, which on a CPU
 cost as much as the arithmetic itself.
 """
@@ -9,12 +10,14 @@ cost as much as the arithmetic itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from model.attention import LocalAttention
 from model.positions import l2norm
 
 
@@ -98,3 +101,110 @@ def feed_forward(weights: FeedForwardWeights, x: Tensor, training: bool = False)
 def project_logits(norm: NormWeights, unembed: Tensor, hidden: Tensor) -> Tensor:
     """Final hidden states (b, n, dim) -> logits (b, n, num_tokens): the last norm, then the unembedding."""
     return F.linear(norm(hidden), unembed)
+
+
+class LocalMHA(nn.Module):
+    """Multi-head local attention: projections, optional qk RMS norm and per-head value gates.
+
+    Extra keyword arguments (look_backward, look_forward, shared_qk, use_rotary_pos_emb, ...) go to
+    LocalAttention. The projections are called as functions of their weights (attention_inputs, attention_output),
+    not as modules: hooks on them or modules swapped in for them are not run.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        window_size: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        dropout: float = 0.0,
+        causal: bool = False,
+        prenorm: bool = False,
+        qk_rmsnorm: bool = False,
+        qk_scale: float = 8,
+        use_xpos: bool = False,
+        xpos_scale_base: float | None = None,
+        exact_windowsize: bool | None = None,
+        gate_values_per_head: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        inner_dim = dim_head * heads
+        self.heads = heads
+        self.dim_head = dim_head
+        self.causal = causal
+        self.window_size = window_size
+        self.exact_windowsize = True if exact_windowsize is None else exact_windowsize
+        self.qk_rmsnorm = qk_rmsnorm
+
+        self.norm = nn.LayerNorm(dim) if prenorm else None
+        self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
+        if qk_rmsnorm:
+            self.q_scale = nn.Parameter(torch.ones(dim_head))
+            self.k_scale = nn.Parameter(torch.ones(dim_head))
+        self.attn_fn = LocalAttention(
+            dim=dim_head,
+            window_size=window_size,
+            causal=causal,
+            autopad=True,
+            scale=qk_scale if qk_rmsnorm else None,
+            exact_windowsize=self.exact_windowsize,
+            use_xpos=use_xpos,
+            xpos_scale_base=xpos_scale_base,
+            dropout=dropout,
+            **kwargs,
+        )
+        self.to_v_gate = nn.Sequential(nn.Linear(dim, heads)) if gate_values_per_head else None
+        self.to_out = nn.Linear(inner_dim, dim, bias=False)
+
+    def weights(self) -> AttentionWeights:
+        gate = None if self.to_v_gate is None else (self.to_v_gate[0].weight, self.to_v_gate[0].bias)
+        return AttentionWeights(
+            heads=self.heads,
+            dim_head=self.dim_head,
+            norm=None if self.norm is None else NormWeights.of(self.norm),
+            to_qkv=self.to_qkv.weight,
+            q_scale=self.q_scale if self.qk_rmsnorm else None,
+            k_scale=self.k_scale if self.qk_rmsnorm else None,
+            value_gate=gate,
+            to_out=self.to_out.weight,
+        )
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
+        """x (b, n, dim), mask (b, n) of positions to keep, attn_bias (h, W, frame) -> (b, n, dim)."""
+        weights = self.weights()
+        x, q, k, v = attention_inputs(weights, x)
+        return attention_output(weights, x, self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias))
+
+
+class GEGLU(nn.Module):
+    """FeedForward's activation, kept as a module so the layer indices of the state dict stay 0, 1, 4."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return geglu(x)
+
+
+class FeedForward(nn.Sequential):
+    """Pre-norm GEGLU feed-forward; the layer indices (0, 1, 4) match the reference's state dict.
+
+    Its forward is feed_forward of the children's weights; the children are not called.
+    """
+
+    def __init__(self, dim: int, mult: float = 4, dropout: float = 0.0) -> None:
+        inner_dim = int(dim * mult * 2 / 3)
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, inner_dim * 2, bias=False),
+            GEGLU(),
+            nn.Dropout(dropout),
+            nn.Linear(inner_dim, dim, bias=False),
+        )
+
+    def weights(self) -> FeedForwardWeights:
+        norm, project_in, _, dropout, project_out = self
+        return FeedForwardWeights(NormWeights.of(norm), project_in.weight, project_out.weight, dropout.p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (b, n, dim) -> (b, n, dim)."""
+        return feed_forward(self.weights(), x, self.training)

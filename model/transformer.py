@@ -1,8 +1,12 @@
-"""LocalMHA, the feed-forward block and LocalTransformer, with local-attention 1.11.2's arguments and keys."""
+"""LocalTransformer: embeddings, a stack of LocalMHA and feed-forward layers (model.blocks), the unembedding.
+
+Its arguments and state-dict keys are local-attention 1.11.2's.
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,127 +14,64 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from model.attention import LocalAttention
-from model.blocks import (
-    AttentionWeights,
-    FeedForwardWeights,
-    NormWeights,
-    attention_inputs,
-    attention_output,
-    feed_forward,
-    geglu,
-    project_logits,
-)
+from model.blocks import FeedForward, LocalMHA, NormWeights, project_logits
 from model.generate import generate, generate_uncached
 from model.positions import ContextLimitError, DynamicPositionBias
 from model.residual import ResidualStreams
 
 
-class LocalMHA(nn.Module):
-    """Multi-head local attention: projections, optional qk RMS norm and per-head value gates.
+@dataclass(frozen=True)
+class LayerOptions:
+    """The LocalTransformer arguments every layer is built from; `attention_kwargs` go on to LocalMHA."""
 
-    Extra keyword arguments (look_backward, look_forward, shared_qk, use_rotary_pos_emb, ...) go to
-    LocalAttention. The projections are called as functions of their weights (model.blocks), not as modules:
-    hooks on them or modules swapped in for them are not run.
-    """
+    dim: int
+    dim_head: int
+    heads: int
+    ff_mult: float
+    attn_dropout: float
+    ff_dropout: float
+    causal: bool
+    window_size: int
+    use_xpos: bool
+    xpos_scale_base: float | None
+    use_dynamic_pos_bias: bool
+    attention_kwargs: dict[str, Any]
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        window_size: int,
-        dim_head: int = 64,
-        heads: int = 8,
-        dropout: float = 0.0,
-        causal: bool = False,
-        prenorm: bool = False,
-        qk_rmsnorm: bool = False,
-        qk_scale: float = 8,
-        use_xpos: bool = False,
-        xpos_scale_base: float | None = None,
-        exact_windowsize: bool | None = None,
-        gate_values_per_head: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__()
-        inner_dim = dim_head * heads
-        self.heads = heads
-        self.dim_head = dim_head
-        self.causal = causal
-        self.window_size = window_size
-        self.exact_windowsize = True if exact_windowsize is None else exact_windowsize
-        self.qk_rmsnorm = qk_rmsnorm
-
-        self.norm = nn.LayerNorm(dim) if prenorm else None
-        self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
-        if qk_rmsnorm:
-            self.q_scale = nn.Parameter(torch.ones(dim_head))
-            self.k_scale = nn.Parameter(torch.ones(dim_head))
-        self.attn_fn = LocalAttention(
-            dim=dim_head,
-            window_size=window_size,
-            causal=causal,
-            autopad=True,
-            scale=qk_scale if qk_rmsnorm else None,
-            exact_windowsize=self.exact_windowsize,
-            use_xpos=use_xpos,
-            xpos_scale_base=xpos_scale_base,
-            dropout=dropout,
-            **kwargs,
-        )
-        self.to_v_gate = nn.Sequential(nn.Linear(dim, heads)) if gate_values_per_head else None
-        self.to_out = nn.Linear(inner_dim, dim, bias=False)
-
-    def weights(self) -> AttentionWeights:
-        gate = None if self.to_v_gate is None else (self.to_v_gate[0].weight, self.to_v_gate[0].bias)
-        return AttentionWeights(
-            heads=self.heads,
+    def attention(self) -> LocalMHA:
+        """A fresh pre-norm LocalMHA; rotary embeddings unless the dynamic position bias replaces them."""
+        return LocalMHA(
+            dim=self.dim,
             dim_head=self.dim_head,
-            norm=None if self.norm is None else NormWeights.of(self.norm),
-            to_qkv=self.to_qkv.weight,
-            q_scale=self.q_scale if self.qk_rmsnorm else None,
-            k_scale=self.k_scale if self.qk_rmsnorm else None,
-            value_gate=gate,
-            to_out=self.to_out.weight,
+            heads=self.heads,
+            dropout=self.attn_dropout,
+            causal=self.causal,
+            window_size=self.window_size,
+            use_xpos=self.use_xpos,
+            xpos_scale_base=self.xpos_scale_base,
+            use_rotary_pos_emb=not self.use_dynamic_pos_bias,
+            prenorm=True,
+            **self.attention_kwargs,
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
-        """x (b, n, dim), mask (b, n) of positions to keep, attn_bias (h, W, frame) -> (b, n, dim)."""
-        weights = self.weights()
-        x, q, k, v = attention_inputs(weights, x)
-        return attention_output(weights, x, self.attn_fn(q, k, v, mask=mask, attn_bias=attn_bias))
+    def feed_forward(self) -> FeedForward:
+        return FeedForward(dim=self.dim, mult=self.ff_mult, dropout=self.ff_dropout)
 
 
-class GEGLU(nn.Module):
-    """FeedForward's activation, kept as a module so the layer indices of the state dict stay 0, 1, 4."""
+def dynamic_position_bias(dim: int, heads: int, causal: bool, attention_kwargs: dict[str, Any]) -> DynamicPositionBias:
+    """The bias shared by every layer; its (W, 2W) frame only fits attention that looks at two windows."""
+    look_backward = attention_kwargs.get("look_backward", 1)
+    look_forward = attention_kwargs.get("look_forward", 0 if causal else 1)
+    if look_backward + look_forward != 1:
+        raise ValueError("dynamic position bias spans two windows: it needs look_backward + look_forward == 1")
+    return DynamicPositionBias(dim=dim // 2, heads=heads)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return geglu(x)
 
-
-class FeedForward(nn.Sequential):
-    """Pre-norm GEGLU feed-forward; the layer indices (0, 1, 4) match the reference's state dict.
-
-    Its forward is a function of the children's weights (model.blocks); the children are not called.
-    """
-
-    def __init__(self, dim: int, mult: float = 4, dropout: float = 0.0) -> None:
-        inner_dim = int(dim * mult * 2 / 3)
-        super().__init__(
-            nn.LayerNorm(dim),
-            nn.Linear(dim, inner_dim * 2, bias=False),
-            GEGLU(),
-            nn.Dropout(dropout),
-            nn.Linear(inner_dim, dim, bias=False),
-        )
-
-    def weights(self) -> FeedForwardWeights:
-        norm, project_in, _, dropout, project_out = self
-        return FeedForwardWeights(NormWeights.of(norm), project_in.weight, project_out.weight, dropout.p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (b, n, dim) -> (b, n, dim)."""
-        return feed_forward(self.weights(), x, self.training)
+def global_layer_numbers(depth: int, layers_insert_global_attn: tuple[int, ...] | None) -> set[int]:
+    """The 1-based numbers of the layers a global layer runs before; None means every layer."""
+    numbers = set(range(1, depth + 1) if layers_insert_global_attn is None else layers_insert_global_attn)
+    if not all(0 < number <= depth for number in numbers):
+        raise ValueError(f"layers_insert_global_attn must name layers 1..{depth}")
+    return numbers
 
 
 class LocalTransformer(nn.Module):
@@ -174,58 +115,64 @@ class LocalTransformer(nn.Module):
         self.has_embed_unembed = num_tokens is not None
         self.use_abs_pos_emb = use_abs_pos_emb and self.has_embed_unembed
 
+        # The order submodules are made in fixes the state dict's key order and, under a seed, the initial weights.
+        self._build_embeddings(num_tokens, max_seq_len, dim)
+        self.dynamic_pos_bias = dynamic_position_bias(dim, heads, causal, kwargs) if use_dynamic_pos_bias else None
+        self.streams = ResidualStreams(num_residual_streams)
+        layer_options = LayerOptions(
+            dim=dim,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            attn_dropout=attn_dropout,
+            ff_dropout=ff_dropout,
+            causal=causal,
+            window_size=local_attn_window_size,
+            use_xpos=use_xpos,
+            xpos_scale_base=xpos_scale_base,
+            use_dynamic_pos_bias=use_dynamic_pos_bias,
+            attention_kwargs=kwargs,
+        )
+        self._build_layers(depth, layer_options, global_attn_layer, layers_insert_global_attn)
+        if self.has_embed_unembed:
+            self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False))
+
+    def _build_embeddings(self, num_tokens: int | None, max_seq_len: int, dim: int) -> None:
+        """The token embedding, and the learned absolute position embedding when the model has one."""
         if self.has_embed_unembed:
             self.token_emb = nn.Embedding(num_tokens, dim)
         if self.use_abs_pos_emb:
             self.pos_emb = nn.Embedding(max_seq_len, dim)
 
-        self.dynamic_pos_bias = None
-        if use_dynamic_pos_bias:
-            look_backward = kwargs.get("look_backward", 1)
-            look_forward = kwargs.get("look_forward", 0 if causal else 1)
-            if look_backward + look_forward != 1:
-                raise ValueError("dynamic position bias spans two windows: it needs look_backward + look_forward == 1")
-            self.dynamic_pos_bias = DynamicPositionBias(dim=dim // 2, heads=heads)
+    def _build_layers(
+        self,
+        depth: int,
+        options: LayerOptions,
+        global_attn_layer: nn.Module | None,
+        layers_insert_global_attn: tuple[int, ...] | None,
+    ) -> None:
+        """`depth` layers of residual-wrapped attention and feed-forward, each optionally after a global layer.
 
-        self.streams = ResidualStreams(num_residual_streams)
-        global_layer_numbers = set(
-            range(1, depth + 1) if layers_insert_global_attn is None else layers_insert_global_attn
-        )
-        if not all(0 < number <= depth for number in global_layer_numbers):
-            raise ValueError(f"layers_insert_global_attn must name layers 1..{depth}")
-
+        `global_layers[i]` is the copy of `global_attn_layer` run before layer i, or None; the reference
+        numbers layers from 1 in `layers_insert_global_attn` (None: every layer).
+        """
+        numbers = global_layer_numbers(depth, layers_insert_global_attn)
         self.layers = nn.ModuleList()
         self.global_layers = nn.ModuleList()
         for index in range(depth):
             global_layer = None
-            if global_attn_layer is not None and index + 1 in global_layer_numbers:
-                global_layer = self.streams.wrap(copy.deepcopy(global_attn_layer), dim, layer_index=index)
+            if global_attn_layer is not None and index + 1 in numbers:
+                global_layer = self.streams.wrap(copy.deepcopy(global_attn_layer), options.dim, layer_index=index)
             self.global_layers.append(global_layer)
-            attention = LocalMHA(
-                dim=dim,
-                dim_head=dim_head,
-                heads=heads,
-                dropout=attn_dropout,
-                causal=causal,
-                window_size=local_attn_window_size,
-                use_xpos=use_xpos,
-                xpos_scale_base=xpos_scale_base,
-                use_rotary_pos_emb=not use_dynamic_pos_bias,
-                prenorm=True,
-                **kwargs,
-            )
-            feed_forward = FeedForward(dim=dim, mult=ff_mult, dropout=ff_dropout)
+            attention, feed_forward = options.attention(), options.feed_forward()
             self.layers.append(
                 nn.ModuleList(
                     [
-                        self.streams.wrap(attention, dim, layer_index=index),
-                        self.streams.wrap(feed_forward, dim, layer_index=index),
+                        self.streams.wrap(attention, options.dim, layer_index=index),
+                        self.streams.wrap(feed_forward, options.dim, layer_index=index),
                     ]
                 )
             )
-
-        if self.has_embed_unembed:
-            self.to_logits = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_tokens, bias=False))
 
     @property
     def attention_layers(self) -> list[LocalMHA]:

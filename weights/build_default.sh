@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild weights/default from scratch: fetch the corpus, train, evaluate the held-out plays, write the card.
 #
-#   weights/build_default.sh                 # ~60-75 min on 2 threads of this CPU (AVX-512 bf16)
-#   THREADS=1 STEPS=4500 weights/build_default.sh   # ~75-80 min on one thread
+#   weights/build_default.sh                        # on 2 threads
+#   THREADS=1 STEPS=4500 weights/build_default.sh   # on one thread, fewer steps
 #
 # The run lives in .cache/default-run (git-ignored) and saves every 250 steps: if that folder holds an
 # unfinished run, this script resumes it (FRESH=1 starts over). Only config.json, model.safetensors and
@@ -10,10 +10,10 @@
 #
 # The recipe: 3.3M parameters (dim 256, 4 layers of 4 heads x 64, window 128, rotary, no absolute positions,
 # one residual stream), 16 crops of 512 bytes a step, AdamW lr 2e-3 with 200 warmup steps and cosine decay to
-# 2e-4, weight decay 0.1, clipping 1.0, bfloat16 autocast. Why: at ~8k bytes/s on one thread, an hour buys
-# ~30-45M predicted bytes, about 4-5 passes over the 8.5 MB of training text, which is what a model of this size
-# can use; a larger one would see too few bytes. Crops of 4 windows (not 2) put most predicted bytes at full
-# attention context, as when the model streams.
+# 2e-4, weight decay 0.1, clipping 1.0, bfloat16 autocast. Why: the budget is about an hour of CPU training,
+# which buys a few passes over the 8.5 MB of training text, what a model of this size can use; a larger one
+# would see too few bytes. Crops of 4 windows (not 2) put most predicted bytes at full attention context, as
+# when the model streams.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"

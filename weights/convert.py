@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from weights.io import CheckpointError, ModelConfig, _tensor_problems, save_checkpoint
+from weights.checkpoint_config import CheckpointError, ModelConfig
+from weights.checkpoint_tensors import listed, tensor_problems
+from weights.io import save_checkpoint
 
 __all__ = [
     "ConvertError",
@@ -79,7 +81,7 @@ def _as_state_dict(loaded: Any, path: Path) -> dict[str, Tensor]:
         hint = ""
         if any(isinstance(value, Mapping) for value in loaded.values()):
             hint = "; it looks like a training checkpoint: save model.state_dict() itself"
-        raise ConvertError(f"{path}: not a state dict: {_listed(not_tensors)} are not tensors{hint}")
+        raise ConvertError(f"{path}: not a state dict: {listed(not_tensors)} are not tensors{hint}")
     return {str(name): tensor for name, tensor in loaded.items()}
 
 
@@ -129,7 +131,7 @@ def convert_local_attention(
         model = config.build()
     except (ValueError, TypeError) as error:
         raise ConvertError(f"the arguments do not build a LocalTransformer: {error}") from error
-    problems = _tensor_problems(model.state_dict(), state_dict)
+    problems = tensor_problems(model.state_dict(), state_dict)
     if problems:
         raise ConvertError("the state dict does not match the arguments: " + "; ".join(problems))
     model.load_state_dict(state_dict, strict=True)
@@ -165,11 +167,6 @@ def run_convert(args: argparse.Namespace) -> int:
         return 2
     print(f"windowlm convert: wrote {out}", file=sys.stderr)
     return 0
-
-
-def _listed(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def main(argv: list[str] | None = None) -> int:

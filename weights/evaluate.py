@@ -5,7 +5,6 @@ Bits per byte = the summed next-byte cross entropy in nats / ln 2 / the number o
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -13,16 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model import LocalTransformer
-
-
-def bytes_tensor(data: bytes) -> Tensor:
-    """bytes -> a uint8 tensor (n,) that owns a copy of them."""
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-
-
-def autocast(bf16: bool) -> contextlib.AbstractContextManager:
-    """CPU bfloat16 autocast when `bf16`, else nothing."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+from weights.byte_inputs import autocast, bytes_tensor
 
 
 def summed_nats(model: LocalTransformer, tokens: Tensor, bf16: bool = False) -> float:

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from weights.io import WEIGHTS_FILE, Checkpoint, read_config
+from weights.checkpoint_config import Checkpoint
+from weights.io import WEIGHTS_FILE, read_config
 
 CARD_FILE = "MODEL_CARD.md"
 MAX_CURVE_ROWS = 24

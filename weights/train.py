@@ -28,15 +28,11 @@ import torch
 from tqdm import tqdm
 
 from model import LocalTransformer
+from weights.byte_inputs import autocast, bytes_tensor
+from weights.checkpoint_config import CheckpointError
 from weights.data import Corpus, DataError, combine, file_corpus, shakespeare_corpus
-from weights.evaluate import (
-    autocast,
-    bytes_tensor,
-    evaluate_bits_per_byte,
-    fixed_windows,
-    windows_bits_per_byte,
-)
-from weights.io import CheckpointError, save_checkpoint
+from weights.evaluate import evaluate_bits_per_byte, fixed_windows, windows_bits_per_byte
+from weights.io import save_checkpoint
 from weights.train_settings import (
     RunOptions,
     TrainError,

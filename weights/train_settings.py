@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.tokenizer import VOCAB_SIZE
-from weights.io import ModelConfig
+from weights.checkpoint_config import ModelConfig
 
 
 class TrainError(ValueError):

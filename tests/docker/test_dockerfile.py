@@ -55,10 +55,12 @@ def test_base_image_is_pinned_to_a_version() -> None:
         assert re.search(r"\d+\.\d+\.\d+", tag), f"line {instruction.line}: {image}'s tag names no exact version"
 
 
-def test_torch_default_is_a_pinned_build() -> None:
+def test_torch_default_is_a_pinned_build_from_pips_configured_index() -> None:
     args = dict(a.args.split("=", 1) for a in named(INSTRUCTIONS, "ARG") if "=" in a.args)
     assert re.fullmatch(r'"?torch==\d+\.\d+\.\d+[^"]*"?', args["TORCH_SPEC"]), args["TORCH_SPEC"]
-    assert "TORCH_INDEX_URL" in args
+    assert args["TORCH_INDEX_URL"].strip('"') == "", "TORCH_INDEX_URL must default to pip's own configured index"
+    (install,) = [r for r in named(INSTRUCTIONS, "RUN") if '"${TORCH_SPEC}"' in r.args]
+    assert '${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}' in install.args, "an empty index must pass no flag"
 
 
 def test_runs_as_a_numeric_non_root_user() -> None:
