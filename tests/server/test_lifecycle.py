@@ -167,8 +167,9 @@ def test_health_ready_and_metrics_parse(tiny: ServerProcess) -> None:
 
 
 def test_sigterm_drains_streams_then_exits_zero(relative_checkpoint) -> None:
-    server = ServerProcess(relative_checkpoint, "--drain-timeout", "20")
-    body = {"model": TEST_MODEL, "prompt": "drain", "max_tokens": 400, "stream": True}
+    # the drain timeout is a hang guard: the process leaves as soon as the stream has ended
+    server = ServerProcess(relative_checkpoint, "--drain-timeout", "300")
+    body = {"model": TEST_MODEL, "prompt": "drain", "max_tokens": 60, "stream": True}
     stream = Stream(server, body)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(stream.rest()))
@@ -182,8 +183,8 @@ def test_sigterm_drains_streams_then_exits_zero(relative_checkpoint) -> None:
         assert httpx.get(f"{server.url}/ready").json() == {"status": "draining"}
         refused = httpx.post(f"{server.url}/v1/completions", json={"model": TEST_MODEL, "prompt": "late"})
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
-        reader.join(30)
-        assert server.process.wait(30) == 0
+        reader.join(300)
+        assert server.process.wait(300) == 0
         data = [line for line in lines if line.startswith("data: ")]
         assert data[-1] == "data: [DONE]"
         assert json.loads(data[-2].removeprefix("data: "))["choices"][-1]["finish_reason"] == "length"
