@@ -1,4 +1,6 @@
-"""Sampling: the filters and penalties do what their formulas say, and seeds reproduce alone or batched."""
+"""Sampling: the filters and penalties do what their formulas say, and seeds reproduce alone or batched.
+
+test_sampling_reference.py checks the whole chain, with the filters combined, against an independent reference."""
 
 import math
 import re
@@ -20,6 +22,7 @@ from model.sampling import (
 
 V = 256
 F32 = torch.finfo(torch.float32)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: a thread pool only adds waiting
 
 
 def sampler(vocab: int = V, **kwargs: object) -> SequenceSampler:
