@@ -51,17 +51,14 @@ class Engine:
         faults: FaultInjector | None = None,
     ) -> None:
         self.runner = ModelRunner(model, num_slots=max_batch_size, prefill_chunk=prefill_chunk, faults=faults)
-        self.context_limit = self.runner.decoder.context_limit
         self.scheduler = Scheduler(
             max_batch_size,
             max_queue,
             chunk_end=self.runner.chunk_end,
-            context_limit=self.context_limit,
+            context_limit=self.runner.decoder.context_limit,
             stream_buffer=stream_buffer,
             stall_timeout=stall_timeout,
         )
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
         self.metrics = metrics
         self.faults = faults
         self.wakeup = threading.Condition()
@@ -70,6 +67,18 @@ class Engine:
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self.run, name="windowlm-engine", daemon=True)
         metrics.kv_slots_total.set(max_batch_size)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.scheduler.num_slots
+
+    @property
+    def max_queue(self) -> int:
+        return self.scheduler.max_queue
+
+    @property
+    def context_limit(self) -> int | None:
+        return self.scheduler.context_limit
 
     @property
     def alive(self) -> bool:

@@ -11,7 +11,7 @@ from typing import TextIO
 
 from model.sampling import SamplingError, SamplingParams
 from model.tokenizer import ByteTokenizer
-from server.choices import ChoiceDelta, ChoiceText, GenerationFailed, merge_choice_events
+from server.choices import ChoiceText, GenerationFailed, merge_choice_events
 from server.engine import Engine
 from server.engine_request import EngineRequest
 from server.metrics import Metrics
@@ -83,13 +83,9 @@ async def stream_completion(engine: Engine, request: EngineRequest, stop: list[s
     choice = ChoiceText(0, stop, want_logprobs=False)
     async for deltas in merge_choice_events([request], [choice], idle_seconds=3600):
         for delta in deltas or []:
-            write(out, delta)
+            out.write(delta.text)
+            out.flush()
     out.write("\n")
-    out.flush()
-
-
-def write(out: TextIO, delta: ChoiceDelta) -> None:
-    out.write(delta.text)
     out.flush()
 
 
