@@ -23,9 +23,8 @@ def reference_samplers(
     """One sampler per row with local-attention's sampling: top (1 - filter_thres) of the vocabulary."""
     samplers = []
     for row in range(batch):
-        params = SamplingParams(
-            temperature=temperature, filter_thres=filter_thres, seed=None if seed is None else seed + row
-        )
+        row_seed = None if seed is None else (seed + row + 2**63) % 2**64 - 2**63  # seed + row, kept signed 64-bit
+        params = SamplingParams(temperature=temperature, filter_thres=filter_thres, seed=row_seed)
         samplers.append(SequenceSampler(params, vocab_size, device=device))
     return samplers
 

@@ -4,17 +4,19 @@ One step turns a batch of logits (B, V) into one token per row:
 
     raw logits (float32)
     -> repetition penalty (tokens seen in prompt or output), presence/frequency penalties (output only)
-    -> clamp to the float32 range, so no penalty can overflow (masked -inf tokens stay -inf)
+    -> logit_bias added (token id -> bias in [-100, 100]); a bias of exactly -100 bans the token (-inf)
+    -> clamp to the float32 range, so nothing can overflow (masked -inf and banned tokens stay -inf)
     -> greedy rows (temperature 0): argmax
-    -> temperature, top-k and filter_thres, top-p, min-p; the best token always stays
+    -> temperature, top-k and filter_thres, top-p, min-p, measured from the best token left; it always stays
     -> inverse CDF with one uniform number drawn from the row's own generator
 
 Every step is a row-wise tensor operation over the whole batch, and each row's randomness comes only from
 its own generator, so a seeded sequence gets the same tokens alone or in any batch. Parameters are checked
 against what float32 can hold, so a valid value means the same as a tensor: a positive temperature below the
 smallest normal float32 divides by that smallest normal, which is greedy-like (a token more than 1.3e-36
-below the best gets weight 0). A row whose raw logits are NaN or +inf (or all -inf) fails alone: its token
-is -1 and its error says why; valid parameters cannot fail a row.
+below the best gets weight 0). Reported logprobs are those of the raw logits (no penalty, bias or filter).
+A row whose raw logits are NaN or +inf (or all -inf), or whose every token is -inf or banned, fails alone:
+its token is -1 and its error says why; valid parameters cannot fail a row with finite logits.
 """
 
 from __future__ import annotations
@@ -26,92 +28,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MAX_LOGPROBS = 20
+from model.sampling_params import BAN, FLOAT32_MAX, FLOAT32_TINY, SamplingError, SamplingParams
+from model.sampling_params import MAX_LOGPROBS as MAX_LOGPROBS  # re-exported: importable from here as before
+
 FAILED_TOKEN = -1
 _FAILURES = {
     1: "logits contain NaN",
     2: "logits contain +inf",
     3: "all logits are -inf",
+    4: "every token is -inf in the logits or banned by logit_bias",
 }
-_FLOAT32 = torch.finfo(torch.float32)
-FLOAT32_TINY = _FLOAT32.tiny  # the smallest normal float32, about 1.2e-38
-FLOAT32_MAX = _FLOAT32.max  # the largest float32, about 3.4e38
-
-
-class SamplingError(ValueError):
-    """A sampling parameter is out of range; `param` names the field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one sequence picks its tokens. Defaults sample from the model's distribution unchanged."""
-
-    temperature: float = 1.0  # 0 means greedy argmax; 0 < t < float32 tiny is greedy-like
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    min_p: float = 0.0  # keep tokens with p >= min_p * p_max
-    repetition_penalty: float = 1.0  # CTRL rule over prompt and output tokens
-    presence_penalty: float = 0.0  # OpenAI rule over output tokens
-    frequency_penalty: float = 0.0
-    filter_thres: float | None = None  # local-attention's top_k(logits, thres): keep int((1 - thres) * V)
-    seed: int | None = None
-    logprobs: int = 0  # how many top alternatives to report
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def penalised(self) -> bool:
-        """Whether any penalty changes the logits (and so token counts must be kept)."""
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
-
-    def validate(self) -> None:
-        """Raise SamplingError naming the first field that is out of range."""
-        t = self.temperature
-        if not _is_number(t) or not 0 <= t <= FLOAT32_MAX:  # NaN fails every comparison
-            raise SamplingError(
-                "temperature", f"must be a number >= 0 and at most {FLOAT32_MAX:.1e} (the largest float32), got {t!r}"
-            )
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise SamplingError("top_k", f"must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not FLOAT32_TINY <= self.top_p <= 1:  # smaller is 0 or subnormal
-            raise SamplingError(
-                "top_p",
-                f"must be at most 1 and at least {FLOAT32_TINY:.1e} (the smallest normal float32), got {self.top_p!r}",
-            )
-        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            raise SamplingError("min_p", f"must be in [0, 1], got {self.min_p!r}")
-        r = self.repetition_penalty
-        if not _is_number(r) or not FLOAT32_TINY <= r <= FLOAT32_MAX:
-            raise SamplingError(
-                "repetition_penalty",
-                f"must be a normal float32 > 0: from {FLOAT32_TINY:.1e} (the smallest normal float32) to "
-                f"{FLOAT32_MAX:.1e} (the largest), got {r!r}",
-            )
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _is_number(value) or not -2 <= value <= 2:
-                raise SamplingError(name, f"must be in [-2, 2], got {value!r}")
-        f = self.filter_thres
-        if f is not None and (not _is_number(f) or not 0 <= f < 1):
-            raise SamplingError("filter_thres", f"must be in [0, 1) or None, got {f!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
-            raise SamplingError("seed", f"must be an integer in [-2**63, 2**64) or None, got {self.seed!r}")
-        if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise SamplingError("logprobs", f"must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
 
 
 class SequenceSampler:
@@ -136,6 +62,8 @@ class SequenceSampler:
         filter_k = vocab_size if params.filter_thres is None else int((1 - params.filter_thres) * vocab_size)
         # How many of the best tokens stay candidates: top_k and filter_thres together, at least one.
         self.keep_top = 1 if params.greedy else max(1, min(top_k, filter_k))
+        # The dense logit_bias, -inf for banned tokens; None without one, so unbiased rows skip the addition.
+        self.bias = _bias_vector(params.logit_bias, vocab_size, self.device) if params.logit_bias else None  # (V,)
 
     def observe_prompt(self, ids: Sequence[int] | Tensor) -> None:
         """Mark prompt tokens as seen, for the repetition penalty."""
@@ -147,6 +75,21 @@ class SequenceSampler:
     def record(self, token_id: int) -> None:
         """Count a generated token (sample_batch does this itself for the tokens it picks)."""
         self.output_counts[token_id] += 1
+
+
+def _bias_vector(pairs: Sequence[tuple[int, float]], vocab_size: int, device: torch.device) -> Tensor:  # (V,)
+    """The (V,) float32 bias of validated (token id, bias) pairs: -inf where banned, -0.0 (x + -0.0 == x) elsewhere."""
+    for token, _ in pairs:
+        if token >= vocab_size:
+            raise SamplingError(
+                "logit_bias", f"token {token} is not in the vocabulary of {vocab_size} (ids 0..{vocab_size - 1})"
+            )
+    if sum(bias == BAN for _, bias in pairs) == vocab_size:
+        raise SamplingError("logit_bias", f"bans all {vocab_size} tokens of the vocabulary: nothing is left to sample")
+    ids = torch.tensor([token for token, _ in pairs], dtype=torch.long, device=device)  # (N,)
+    values = [-math.inf if bias == BAN else float(bias) for _, bias in pairs]
+    bias = torch.full((vocab_size,), -0.0, dtype=torch.float32, device=device)  # (V,)
+    return bias.index_put_((ids,), torch.tensor(values, dtype=torch.float32, device=device))
 
 
 @dataclass(frozen=True)
@@ -217,33 +160,49 @@ def _failure_codes(logits: Tensor) -> Tensor:  # (B,) long, 0 = fine, else a key
     return torch.where(nan, 1, code)
 
 
-def _penalised(
+def apply_bias(logits: Tensor, samplers: Sequence[SequenceSampler], code: Tensor) -> tuple[Tensor, Tensor]:
+    """Add each row's logit_bias to logits (B, V) within the float32 range: -inf where masked or banned.
+
+    The sum needs no clamp, and the penalties' clamp before it is the clamp after it: a finite bias is at most
+    100, far below half the float32 spacing at +-FLOAT32_MAX (2**103), so it cannot move a value past them. Rows
+    without a bias add -0.0, which leaves every value as it was, bit for bit. A row with nothing left (every
+    token -inf or banned) fails with code 4 and is zeroed. Returns (biased logits, failure codes)."""
+    unbiased = torch.full_like(logits[0], -0.0)  # (V,)
+    bias = torch.stack([unbiased if s.bias is None else s.bias for s in samplers])  # (B, V)
+    removed = logits.isneginf() | bias.isneginf()  # (B, V)
+    biased = (logits + bias).masked_fill(removed, -math.inf)  # (B, V)
+    code = torch.where((code == 0) & removed.all(-1), 4, code)  # (B,)
+    return biased.masked_fill(code[:, None] > 0, 0.0), code
+
+
+def _adjusted(
     logits: Tensor, samplers: Sequence[SequenceSampler], params: BatchParams | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(raw float32 logits, penalised logits, failure codes); failed rows are zeroed in raw, so both are finite.
+    """(raw float32 logits, penalised and biased logits, failure codes); failed rows are zeroed, so that each row
+    of both has a finite best token.
 
     `params` may be None when no sampler has a penalty."""
     raw = logits.float()  # (B, V)
     code = _failure_codes(raw)  # (B,)
-    raw = raw.masked_fill(code[:, None] > 0, 0.0)
-    if not any(s.params.penalised for s in samplers):
-        return raw, raw, code
-    seen = torch.stack([s.prompt_seen for s in samplers])  # (B, V)
-    counts = torch.stack([s.output_counts for s in samplers])  # (B, V)
-    return raw, apply_penalties(raw, seen, counts, params), code
+    raw = adjusted = raw.masked_fill(code[:, None] > 0, 0.0)  # (B, V)
+    if any(s.params.penalised for s in samplers):
+        seen = torch.stack([s.prompt_seen for s in samplers])  # (B, V)
+        counts = torch.stack([s.output_counts for s in samplers])  # (B, V)
+        adjusted = apply_penalties(raw, seen, counts, params)  # (B, V)
+    if any(s.bias is not None for s in samplers):
+        adjusted, code = apply_bias(adjusted, samplers, code)  # (B, V), (B,)
+    return raw, adjusted, code
 
 
-def _filter_sorted(
-    penalised: Tensor, params: BatchParams, samplers: Sequence[SequenceSampler]
-) -> tuple[Tensor, Tensor]:
+def _filter_sorted(adjusted: Tensor, params: BatchParams, samplers: Sequence[SequenceSampler]) -> tuple[Tensor, Tensor]:
     """Temperature and the candidate filters, on each row sorted best first.
 
     Returns (scaled logits, token ids), both (B, V) in descending order; the best is 0, removed are -inf.
     A stable sort puts the lowest id first among ties, so rank 0 is the argmax; no filter removes it. A filter
     no row of the batch uses is skipped (it would keep every token).
     """
-    vocab_size = penalised.shape[-1]
-    ordered, ids = penalised.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    vocab_size = adjusted.shape[-1]
+    ordered, ids = adjusted.sort(dim=-1, descending=True, stable=True)  # (B, V)
     # A positive temperature that is 0 or subnormal in float32 divides by the smallest normal: greedy-like.
     temperature = torch.where(params.greedy, 1.0, params.temperature.clamp(min=FLOAT32_TINY))  # (B,)
     scaled = (ordered - ordered[:, :1]) / temperature[:, None]  # (B, V)
@@ -267,8 +226,8 @@ def process_logits(logits: Tensor, samplers: Sequence[SequenceSampler]) -> Tenso
     Each row is shifted so its best token is 0; removed tokens (and every token of a failed row) are -inf.
     """
     params = BatchParams.from_samplers(samplers, logits.device)
-    _, penalised, code = _penalised(logits, samplers, params)
-    scaled, ids = _filter_sorted(penalised, params, samplers)  # (B, V)
+    _, adjusted, code = _adjusted(logits, samplers, params)
+    scaled, ids = _filter_sorted(adjusted, params, samplers)  # (B, V)
     out = torch.full_like(scaled, -math.inf).scatter_(1, ids, scaled)  # (B, V)
     return out.masked_fill(code[:, None] > 0, -math.inf)
 
@@ -323,12 +282,12 @@ def sample_batch(logits: Tensor, samplers: Sequence[SequenceSampler]) -> SampleR
     greedy = all(s.params.greedy for s in samplers)
     needs_params = not greedy or any(s.params.penalised for s in samplers)
     params = BatchParams.from_samplers(samplers, device) if needs_params else None
-    raw, penalised, code = _penalised(logits, samplers, params)
+    raw, adjusted, code = _adjusted(logits, samplers, params)
     failed = code > 0  # (B,)
     if greedy:
-        tokens = penalised.argmax(dim=-1)  # (B,) the lowest id among ties, as the sorted path picks
+        tokens = adjusted.argmax(dim=-1)  # (B,) the lowest id among ties, as the sorted path picks
     else:
-        scaled, ids = _filter_sorted(penalised, params, samplers)  # (B, V)
+        scaled, ids = _filter_sorted(adjusted, params, samplers)  # (B, V)
         tokens = _draw(scaled, ids, _uniforms(samplers, device))  # (B,)
     tokens = tokens.masked_fill(failed, FAILED_TOKEN)
 

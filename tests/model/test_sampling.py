@@ -273,7 +273,10 @@ def test_logprobs_come_from_the_raw_logits() -> None:
         ("filter_thres", -0.1),
         ("logprobs", 21),
         ("logprobs", -1),
-        ("seed", 2**64),
+        ("seed", 2**63),
+        ("seed", -(2**63) - 1),
+        ("seed", 1.0),
+        ("logit_bias", ((0, 101),)),
     ],
 )
 def test_validate_names_the_bad_param(field: str, value: float) -> None:
@@ -309,6 +312,8 @@ def test_defaults_and_edges_are_valid() -> None:
     SamplingParams(temperature=0, top_p=1.0, min_p=1.0, filter_thres=0.0, logprobs=20, seed=-1).validate()
     SamplingParams(temperature=1e-50, top_p=F32.tiny, repetition_penalty=F32.tiny).validate()
     SamplingParams(temperature=F32.max, repetition_penalty=F32.max).validate()
+    SamplingParams(seed=-(2**63), logit_bias=((0, -100), (1, 100), (2, -100.0), (3, 0))).validate()
+    SamplingParams(seed=2**63 - 1, logit_bias=[[7, 1e-300]]).validate()  # type: ignore[arg-type]
 
 
 def test_mismatched_inputs_are_rejected() -> None:
@@ -357,6 +362,12 @@ def accepted(field: str) -> st.SearchStrategy[float]:
     return st.floats(low, high) | st.sampled_from([edge for edge in EDGES if low <= edge <= high])
 
 
+BIAS = st.floats(-100, 100) | st.sampled_from([-100, -100.0, 100, 100.0, -99.99, 0.0, 5e-324])
+LOGIT_BIAS = st.lists(  # (token id, bias) pairs, at most V - 1 of them, so that some token is never banned
+    st.tuples(st.integers(0, HYPOTHESIS_V - 1), BIAS), max_size=HYPOTHESIS_V - 1, unique_by=lambda pair: pair[0]
+).map(tuple)
+
+
 @st.composite
 def valid_params(draw: st.DrawFn) -> SamplingParams:
     floats = {field: draw(accepted(field)) for field in ACCEPTED if field != "filter_thres"}
@@ -364,7 +375,8 @@ def valid_params(draw: st.DrawFn) -> SamplingParams:
         **floats,
         top_k=draw(st.integers(min_value=0)),
         filter_thres=draw(st.none() | accepted("filter_thres")),
-        seed=draw(st.integers(-(2**63), 2**64 - 1)),
+        seed=draw(st.integers(-(2**63), 2**63 - 1)),
+        logit_bias=draw(st.just(()) | LOGIT_BIAS),
     )
 
 
@@ -394,3 +406,5 @@ def test_valid_params_never_fail_a_step_and_each_row_samples_as_alone(
         assert ((result.tokens >= 0) & (result.tokens < HYPOTHESIS_V)).all()
         solo_tokens = [int(sample_batch(logits[row : row + 1], [s]).tokens[0]) for row, s in enumerate(alone)]
         assert result.tokens.tolist() == solo_tokens
+        for (params, _, _), token in zip(rows, solo_tokens, strict=True):
+            assert (token, -100) not in params.logit_bias  # banned (-100 and -100.0 compare equal)

@@ -2,14 +2,15 @@
 
 The reference works on one row at a time, over a list of (logit, token) pairs sorted best first, in the order the
 module's docstring gives: the repetition penalty (CTRL: over prompt and output tokens, a positive logit divided, a
-negative one multiplied), the presence and frequency penalties (output tokens only), the clamp to the float32
-range (masked -inf tokens stay -inf), greedy argmax at temperature 0, then temperature, top-k and filter_thres
+negative one multiplied), the presence and frequency penalties (output tokens only), logit_bias (added; -100 bans
+the token), the clamp to the float32 range (masked -inf and banned tokens stay -inf), greedy argmax at
+temperature 0, then temperature, top-k and filter_thres
 (keep int((1 - thres) * V), as local-attention's top_k), top-p over what top-k kept, min-p (p >= min_p * p_max),
 the best token always kept, and an inverse-CDF draw. It calls none of the module's helpers.
 
 How the two are compared, and what is left to rounding:
 
-- Penalties and the shift to the best token: the module's logits are float32, so the reference rounds to float32
+- Penalties, bias and the shift to the best token: the module's logits are float32, so the reference rounds to float32
   after each arithmetic step (a float64 step rounded once to float32 equals the float32 step). Its scaled logits
   therefore agree with the module's, and exact ties are ties in both; among ties the lowest id ranks first (the
   module's stable sort), which decides greedy picks and the top-k boundary exactly.
@@ -24,14 +25,14 @@ How the two are compared, and what is left to rounding:
   exceeds u * total. The reference seeds its own generator the same way, so it draws the same u, and walks its
   float64 CDF: the module's token must be the one whose CDF interval holds u * total, or a neighbour whose
   interval comes within 1e-5 * total of that point (the module sums float32 weights).
-- Logprobs: the module reports log-probabilities under the raw logits (before penalties, temperature and
+- Logprobs: the module reports log-probabilities under the raw logits (before penalties, bias, temperature and
   filters); the reference computes a float64 log-softmax of the raw logits, rounded to float32.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -73,13 +74,15 @@ class Reference:
         self.generator = torch.Generator().manual_seed(self.params.seed % 2**64)
 
     def penalised(self, logits: list[float]) -> list[float]:
-        """The logits after the repetition, presence and frequency penalties, clamped to the float32 range."""
+        """The logits after the repetition, presence and frequency penalties and the bias, clamped to the float32
+        range; banned tokens (bias -100) are -inf."""
         p = self.params
         repetition = f32(p.repetition_penalty)
+        bias = dict(p.logit_bias)
         out = []
         for token, logit in enumerate(logits):
-            if logit == -math.inf:  # masked: stays masked
-                out.append(logit)
+            if logit == -math.inf or bias.get(token) == -100:  # masked or banned
+                out.append(-math.inf)
                 continue
             value = logit
             count = self.counts[token]
@@ -88,6 +91,8 @@ class Reference:
             if count > 0:
                 value = f32(value - f32(p.presence_penalty))
                 value = f32(value - f32(f32(p.frequency_penalty) * count))
+            if token in bias:
+                value = f32(value + f32(bias[token]))
             out.append(min(max(value, -F32_MAX), F32_MAX))
         return out
 
@@ -214,9 +219,16 @@ SAMPLING_PARAMS = st.builds(
     presence_penalty=st.just(0.0) | st.floats(-2, 2),
     frequency_penalty=st.just(0.0) | st.floats(-2, 2),
     filter_thres=st.one_of(st.none(), SOME_THRES, SOME_THRES, st.sampled_from([0.0, 0.5, 0.9, 0.999])),
-    seed=st.integers(-(2**63), 2**64 - 1),
+    seed=st.integers(-(2**63), 2**63 - 1),
     logprobs=st.integers(0, 20),
 )
+BIAS = st.one_of(st.sampled_from([-100, 100, -100.0, 100.0, 0.0, -99.5]), st.floats(-5, 5), st.floats(-100, 100))
+
+
+def logit_biases(vocab: int) -> st.SearchStrategy[tuple[tuple[int, float], ...]]:
+    """No bias (half the time), or (token id, bias) pairs with distinct ids: bans, +100 and small nudges."""
+    pairs = st.lists(st.tuples(st.integers(0, vocab - 1), BIAS), max_size=vocab, unique_by=lambda pair: pair[0])
+    return st.just(()) | pairs.map(tuple)
 
 
 @st.composite
@@ -227,10 +239,16 @@ def batches(draw: st.DrawFn) -> tuple[list[list[float]], list[SamplingParams], l
     for _ in range(draw(st.integers(1, 6))):
         style = LOGIT_STYLES[draw(st.sampled_from(sorted(LOGIT_STYLES)))]
         logits = draw(st.lists(style, min_size=vocab, max_size=vocab))
-        if all(logit == -math.inf for logit in logits):
-            logits[0] = 0.0  # an all -inf row fails by design; test_sampling covers that
+        bias = draw(logit_biases(vocab))
+        banned = {token for token, value in bias if value == -100}
+        if len(banned) == vocab:  # the sampler refuses a bias that bans every token
+            bias = tuple(pair for pair in bias if pair[0] != 0)
+            banned.discard(0)
+        left = [token for token in range(vocab) if token not in banned]
+        if all(logits[token] == -math.inf for token in left):
+            logits[left[0]] = 0.0  # a row with nothing left fails by design; test_sampling covers that
         rows.append(logits)
-        params.append(draw(SAMPLING_PARAMS))
+        params.append(replace(draw(SAMPLING_PARAMS), logit_bias=bias))
         prompts.append(draw(st.lists(st.integers(0, vocab - 1), max_size=vocab)))
     return rows, params, prompts
 
@@ -246,7 +264,9 @@ def test_sampling_matches_the_reference(case: tuple[list[list[float]], list[Samp
     the untempered best, or against the total instead of the best token's tempered probability; top-k keeping
     one token too many; filter_thres rounding (1 - thres) * V up; the repetition penalty over output tokens only
     (forgetting the prompt); the presence penalty over prompt tokens too; a draw that does not scale the uniform
-    number by the total weight; logprobs from the penalised logits instead of the raw ones."""
+    number by the total weight; logprobs from the penalised or biased logits instead of the raw ones; the bias
+    added after temperature, or before the penalties; a banned token drawn, or filters measured from a banned
+    best token."""
     rows, params, prompts = case
     vocab = len(rows[0])
     first = torch.tensor(rows, dtype=torch.float32)  # (B, V)
