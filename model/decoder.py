@@ -129,10 +129,13 @@ class Decoder:
         """End of the prefill chunk starting at `start`: the next multiple of the chunk size, at most `end`."""
         return min(end, (start // self.prefill_chunk + 1) * self.prefill_chunk)
 
-    def read_chunk(self, slot: int, tokens: Tensor) -> Tensor:
-        """Feed one prefill chunk of tokens (L,) to `slot` -> logits (num_tokens,) after its last token."""
+    def read_chunk(self, slot: int, tokens: Tensor, all_positions: bool = False) -> Tensor:
+        """Feed one prefill chunk of tokens (L,) to `slot` -> logits (num_tokens,) after its last token, or
+        with `all_positions` the logits (L, num_tokens) after each of its tokens (to score the prompt)."""
         slots = torch.tensor([slot], device=self.cache.lengths.device)
-        return self.step(slots, tokens[None], last_only=True)[0, 0]
+        if all_positions:
+            return self.step(slots, tokens[None])[0]  # (L, V)
+        return self.step(slots, tokens[None], last_only=True)[0, 0]  # (V,)
 
     def prefill(self, slot: int, tokens: Sequence[int] | Tensor) -> Tensor:
         """Feed a prompt to one slot chunk by chunk -> logits (num_tokens,) after its last token."""

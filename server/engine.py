@@ -8,7 +8,9 @@ It knows token ids only. Requests come in through `submit` (from the event loop)
     2. admit waiting requests into free slots (a request whose client has gone never starts);
     3. plan: the next chunk of every prompt still being read (so a long prompt holds the running streams up
        for one chunk at most), and one decode row for every generating slot whose reader keeps up;
-    4. run the plan; every slot that finished its prompt or decoded samples one token.
+    4. run the plan; every slot that finished its prompt or decoded samples one token (a request of max_tokens
+       0 ends with its prompt instead). A request that asked for prompt logprobs gets those of each chunk
+       read, before any token of its own.
 
 An exception inside a step fails only the requests it belongs to (the runner's business); an exception
 anywhere else ends the loop, `failure` says why, and every request held is told.
@@ -20,13 +22,21 @@ import logging
 import threading
 
 from model.transformer import LocalTransformer
-from server.engine_request import EngineRequest, FinishEvent, TokenEvent
+from server.engine_request import EngineRequest, FinishEvent, PromptLogprobsEvent, TokenEvent
 from server.faults import FaultInjector
 from server.metrics import Metrics
 from server.runner import ModelRunner
 from server.scheduler import EngineOverloaded, Scheduler
 
-__all__ = ["Engine", "EngineOverloaded", "EngineRequest", "EngineStopped", "FinishEvent", "TokenEvent"]
+__all__ = [
+    "Engine",
+    "EngineOverloaded",
+    "EngineRequest",
+    "EngineStopped",
+    "FinishEvent",
+    "PromptLogprobsEvent",
+    "TokenEvent",
+]
 
 logger = logging.getLogger("windowlm.engine")
 
@@ -66,7 +76,7 @@ class Engine:
         self.running = False
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self.run, name="windowlm-engine", daemon=True)
-        metrics.kv_slots_total.set(max_batch_size)
+        metrics.kv_slots_capacity.set(max_batch_size)
 
     @property
     def max_batch_size(self) -> int:
@@ -179,6 +189,8 @@ class Engine:
         plan = scheduler.plan()
         if not plan.empty:
             output = self.runner.run(plan)
+            for index, event in output.prompt_logprobs.items():  # before the first token, in prompt order
+                scheduler.slots[index].request.emit(event)
             for sample in output.sampled:  # before the scheduler's record, which may end the request
                 request = scheduler.slots[sample.slot].request
                 request.emit(TokenEvent(sample.token, sample.logprob, sample.top_logprobs))

@@ -26,6 +26,17 @@ class TokenEvent:
 
 
 @dataclass
+class PromptLogprobsEvent:
+    """Logprobs of prompt tokens [start, start + len(token_logprobs)) under the raw float32 logits of the
+    tokens before each; a request that asked for them gets these events, in prompt order, covering positions
+    1..len(prompt) - 1 once (none for a one-token prompt), all before its first TokenEvent or its FinishEvent."""
+
+    start: int  # index in the prompt of the first token these logprobs are for (>= 1)
+    token_logprobs: list[float]  # logprob of prompt[start + i] given prompt[: start + i]; may be -inf
+    top_logprobs: list[list[tuple[int, float]]]  # the k best (token id, logprob) at each position, best first
+
+
+@dataclass
 class FinishEvent:
     reason: str  # "stop" | "length" | "error" (a cancelled request gets no event: nobody reads it)
     message: str | None = None
@@ -40,10 +51,11 @@ class EngineRequest:
 
     prompt: list[int]
     params: SamplingParams
-    max_tokens: int
+    max_tokens: int  # 0: read the prompt (for its logprobs), sample nothing, finish with "length"
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue  # receives (tag, event) pairs; several requests may share one queue
     tag: int = 0
+    prompt_logprobs: int | None = None  # None: not wanted; k >= 0: PromptLogprobsEvents with k alternatives
     id: int = field(default_factory=lambda: next(_request_ids))
     cancelled: bool = False
     stop_sequence_reached: bool = False  # its text reached a stop sequence: a normal end, not a failure
@@ -103,7 +115,7 @@ class EngineRequest:
         if self.wake_engine is not None:
             self.wake_engine()
 
-    def emit(self, event: TokenEvent | FinishEvent) -> None:
+    def emit(self, event: TokenEvent | PromptLogprobsEvent | FinishEvent) -> None:
         """Hand an event to the request's event loop (called from the engine thread)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (self.tag, event))

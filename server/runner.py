@@ -18,7 +18,7 @@ from torch import Tensor
 from model.decoder import Decoder
 from model.sampling import FAILED_TOKEN, SampleResult, SequenceSampler, sample_batch
 from model.transformer import LocalTransformer
-from server.engine_request import EngineRequest
+from server.engine_request import EngineRequest, PromptLogprobsEvent
 from server.faults import FaultInjector
 from server.scheduler import DecodeRow, PromptChunk, SampledToken, StepOutput, StepPlan
 
@@ -51,14 +51,15 @@ class ModelRunner:
         self.samplers[slot] = sampler
 
     def run(self, plan: StepPlan) -> StepOutput:
-        """Read the plan's prompt chunks, run one batched decode step over its decode rows, and sample a token
-        for every slot that finished its prompt or decoded."""
+        """Read the plan's prompt chunks (scoring those of requests that want prompt logprobs), run one batched
+        decode step over its decode rows, and sample a token for every slot that finished its prompt or decoded
+        (one of max_tokens 0 samples nothing)."""
         output = StepOutput()
         to_sample: list[int] = []
         rows: list[Tensor] = []  # (1, V) or (B, V) logits, in the order of to_sample
         for chunk in plan.prompt_chunks:
             logits = self.read_chunk(chunk, output)  # (1, V), or None when the chunk failed
-            if logits is not None and chunk.completes_prompt:
+            if logits is not None and chunk.samples:
                 to_sample.append(chunk.slot)
                 rows.append(logits)
         started = time.perf_counter()
@@ -73,16 +74,45 @@ class ModelRunner:
         return output
 
     def read_chunk(self, chunk: PromptChunk, output: StepOutput) -> Tensor | None:
-        """Feed one prompt chunk to its slot -> the logits after its last token (1, V); None if it failed."""
+        """Feed one prompt chunk to its slot -> the logits after its last token (1, V); None if it failed.
+        A request that wants prompt logprobs gets those of the chunk in `output.prompt_logprobs`."""
         try:
             tokens = torch.tensor(chunk.tokens, device=self.device)  # (L,)
-            logits = self.decoder.read_chunk(chunk.slot, tokens)[None]  # (1, V)
+            if chunk.request.prompt_logprobs is None:
+                logits = self.decoder.read_chunk(chunk.slot, tokens)[None]  # (1, V)
+            else:
+                every = self.decoder.read_chunk(chunk.slot, tokens, all_positions=True)  # (L, V)
+                event = self.score_prompt(chunk, every)
+                if event is not None:
+                    output.prompt_logprobs[chunk.slot] = event
+                logits = every[-1:]  # (1, V)
         except Exception as error:  # this prompt cannot be read: its slot fails alone
             logger.exception("reading the prompt of request %d failed", chunk.request.id)
             output.errors[chunk.slot] = f"reading the prompt failed: {error}"
             return None
         output.read.append(chunk)
         return logits
+
+    def score_prompt(self, chunk: PromptChunk, logits: Tensor) -> PromptLogprobsEvent | None:
+        """The logprobs of the prompt tokens that the chunk's logits (L, V) predict: row i predicts token
+        start + i + 1, so a chunk scores tokens start + 1 .. end, its last row the next chunk's first token
+        (known already: the whole prompt is). None where it predicts none (the last token of a prompt)."""
+        targets = chunk.request.prompt[chunk.start + 1 : chunk.end + 1]
+        if not targets:
+            return None
+        logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)  # (T, V) of the raw logits
+        ids = torch.tensor(targets, device=logprobs.device)  # (T,)
+        columns = [logprobs.gather(1, ids[:, None]).double()]  # (T, 1)
+        k = min(chunk.request.prompt_logprobs, logprobs.shape[-1])
+        if k > 0:
+            values, top_ids = logprobs.topk(k, dim=-1)  # (T, k) each, best first
+            columns += [values.double(), top_ids.double()]  # ids are exact in float64
+        rows = torch.cat(columns, dim=1).tolist()  # (T, 1 + 2k): one device sync for the chunk
+        return PromptLogprobsEvent(
+            start=chunk.start + 1,
+            token_logprobs=[row[0] for row in rows],
+            top_logprobs=[list(zip(map(int, row[1 + k :]), row[1 : 1 + k], strict=True)) for row in rows],
+        )
 
     def decode(self, rows: list[DecodeRow], errors: dict[int, str]) -> tuple[list[int], Tensor]:
         """One token for each row (slots ascending) -> (the slots that ran, their logits (B, V)).

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.engine_request import EngineRequest
+from server.engine_request import EngineRequest, PromptLogprobsEvent
 
 FinishReason = Literal["stop", "length", "cancelled", "error", "stalled"]
 FAILURE_REASONS = ("cancelled", "error", "stalled")
@@ -32,14 +32,15 @@ def tokens_that_fit(prompt_tokens: int, context_limit: int | None) -> int | None
     """How many tokens can follow a prompt of `prompt_tokens` in a model of `context_limit` positions (None:
     no limit). The last generated token is never fed back, so a prompt that fills the context still gets one:
     with a limit of 8, a prompt of 6 tokens takes positions 0..5, tokens 1 and 2 are fed at 6 and 7, and
-    token 3 ends the sequence. Zero or less: the prompt itself does not fit."""
+    token 3 ends the sequence. Zero or less: the prompt itself does not fit. (A request of max_tokens 0 reads
+    its prompt and samples nothing: it fits wherever its prompt does.)"""
     return None if context_limit is None else context_limit - prompt_tokens + 1
 
 
 @dataclass
 class Slot:
     request: EngineRequest
-    max_tokens: int  # the request's max_tokens, or fewer where the context ends first
+    max_tokens: int  # the request's max_tokens, or fewer where the context ends first; 0: only read the prompt
     prefilled: int = 0  # prompt tokens already in the cache
     next_token: int | None = None  # sampled, not yet fed to the model
 
@@ -59,8 +60,12 @@ class PromptChunk:
 
     @property
     def completes_prompt(self) -> bool:
-        """After this chunk the slot samples its first token."""
         return self.end == len(self.request.prompt)
+
+    @property
+    def samples(self) -> bool:
+        """After this chunk the slot samples its first token (one of max_tokens 0 ends instead)."""
+        return self.completes_prompt and self.request.max_tokens > 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class StepOutput:
     read: list[PromptChunk] = field(default_factory=list)
     sampled: list[SampledToken] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
+    prompt_logprobs: dict[int, PromptLogprobsEvent] = field(default_factory=dict)  # by slot, of chunks read
     decode_seconds: float | None = None  # the batched decode step and its sampling, when there was one
 
 
@@ -166,7 +172,7 @@ class Scheduler:
 
     def add(self, requests: list[EngineRequest]) -> None:
         """Queue requests, all or none: raises EngineOverloaded when they would not fit the free slots and
-        the queue, ValueError for a prompt longer than the context."""
+        the queue, ValueError for a prompt longer than the context or a negative max_tokens."""
         running, waiting = self.running, len(self.waiting)
         if waiting + len(requests) > self.num_slots - running + self.max_queue:
             raise EngineOverloaded(f"{running} of {self.num_slots} slots busy and {waiting} waiting")
@@ -174,6 +180,10 @@ class Scheduler:
             fit = tokens_that_fit(len(request.prompt), self.context_limit)
             if not request.prompt or (fit is not None and fit < 1):
                 raise ValueError(f"a prompt of {len(request.prompt)} tokens does not fit the context")
+            if request.max_tokens < 0:
+                raise ValueError(f"max_tokens must be at least 0, got {request.max_tokens}")
+            if request.prompt_logprobs is not None and request.prompt_logprobs < 0:
+                raise ValueError(f"prompt_logprobs must be None or at least 0, got {request.prompt_logprobs}")
         self.waiting.extend(requests)
 
     def take_waiting(self) -> list[EngineRequest]:
@@ -240,11 +250,13 @@ class Scheduler:
         return True
 
     def record(self, plan: StepPlan, output: StepOutput) -> None:
-        """Take in what the runner made of the plan: read chunks advance, failed rows end, sampled tokens count
-        (the engine has already handed each token to its request)."""
+        """Take in what the runner made of the plan: read chunks advance (a request of max_tokens 0 ends with its
+        prompt), failed rows end, sampled tokens count (the engine has already handed each token to its request)."""
         for chunk in output.read:
             self.slots[chunk.slot].prefilled = chunk.end
             self.stats.prompt_tokens += chunk.end - chunk.start
+            if chunk.completes_prompt and not chunk.samples:
+                self.finish(chunk.slot, "length")
         for index, message in output.errors.items():
             self.finish(index, "error", message)
         for sample in output.sampled:

@@ -54,7 +54,7 @@ def admit_all(s: Scheduler) -> list[int]:
 def run_step(s: Scheduler, token: int = 7) -> tuple[list[PromptChunk], list[DecodeRow]]:
     """Plan a step and report it carried out: every chunk read, every slot due a token samples `token`."""
     plan = s.plan()
-    due = [c.slot for c in plan.prompt_chunks if c.completes_prompt] + [row.slot for row in plan.decode_rows]
+    due = [c.slot for c in plan.prompt_chunks if c.samples] + [row.slot for row in plan.decode_rows]
     output = StepOutput(read=list(plan.prompt_chunks), sampled=[SampledToken(i, token, -0.5, []) for i in due])
     if plan.decode_rows:
         output.decode_seconds = 0.01
@@ -109,6 +109,41 @@ def test_a_prompt_longer_than_the_context_is_refused() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         s.add([request(prompt_length=9)])
     s.add([request(prompt_length=8)])
+
+
+def test_max_tokens_zero_reads_the_prompt_and_ends_with_length() -> None:
+    """Pure scoring: the prompt is read a chunk per step, nothing is sampled, and the request ends with "length"
+    once its last chunk is read; no generated token, no first-token time. It needs no position for a token, so a
+    prompt that fills the whole context is taken."""
+    clock = Clock()
+    s = scheduler(num_slots=2, context_limit=8, clock=clock)
+    scoring, other = request(prompt_length=8, max_tokens=0, tag=0), request(prompt_length=2, max_tokens=2, tag=1)
+    s.add([scoring, other])
+    admit_all(s)
+    assert s.slots[0].max_tokens == 0
+    chunks, _ = run_step(s)
+    shown = [(c.start, c.end, c.completes_prompt, c.samples) for c in chunks]
+    assert shown == [(0, 4, False, False), (0, 2, True, True)]
+    clock.now = 1.0
+    chunks, rows = run_step(s)
+    assert [(c.start, c.end, c.completes_prompt, c.samples) for c in chunks] == [(4, 8, True, False)]
+    assert [row.request for row in rows] == [other]
+    stats = s.take_stats()
+    assert [(f.request.tag, f.reason) for f in stats.finishes] == [(0, "length"), (1, "length")]
+    assert stats.generated_tokens == 2 and stats.prompt_tokens == 10  # the other request's tokens only
+    assert stats.first_token_seconds == [0.0]  # the other request's: the scoring one has none
+    assert scoring.generated == 0 and scoring.first_token_at is None and s.slots == [None, None]
+
+
+def test_a_negative_max_tokens_or_prompt_logprobs_is_refused() -> None:
+    s = scheduler()
+    with pytest.raises(ValueError, match="max_tokens must be at least 0"):
+        s.add([request(max_tokens=0), request(max_tokens=-1)])
+    scoring = request()
+    scoring.prompt_logprobs = -1
+    with pytest.raises(ValueError, match="prompt_logprobs must be None or at least 0"):
+        s.add([scoring])
+    assert not s.waiting
 
 
 def test_a_request_cancelled_while_queued_never_takes_a_slot() -> None:
