@@ -8,9 +8,15 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-# On a host with an NVIDIA driver the default (CUDA) build of torch installs; elsewhere the CPU build
-# torch==2.13.0, which pip finds on this project's CPU machines without downloading a CUDA build.
+# torch goes in first, on its own. On a host with an NVIDIA driver the default (CUDA) build of torch installs;
+# elsewhere the CPU build of torch==2.13.0, from the first of: pip's configured sources when they already resolve
+# a CPU build (a local wheel, or a +cpu one); PyTorch's CPU wheel index (TORCH_CPU_INDEX_URL) when it answers
+# within a few seconds; pip's configured sources, which may then bring the CUDA build. .ci/torch-source.sh makes that
+# choice, with bounded probes, only when torch is installed. TORCH_INDEX_URL, when given, is the index torch
+# comes from, whatever the host (e.g. a mirror of PyTorch's wheels); TORCH_SPEC chooses another version.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+TORCH_INDEX_URL ?=
+TORCH_CPU_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: serve test lint lint-docker docker-smoke install install-dev clean
 
@@ -45,7 +51,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --disable-pip-version-check \
+		$$(TORCH_INDEX_URL="$(TORCH_INDEX_URL)" TORCH_CPU_INDEX_URL="$(TORCH_CPU_INDEX_URL)" \
+			sh .ci/torch-source.sh $(BIN)/python "$(TORCH_SPEC)") "$(TORCH_SPEC)"
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch

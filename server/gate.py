@@ -1,7 +1,10 @@
 """What every HTTP request passes before a route sees it, cheapest check first (the request head's size, field
 count and arrival time are bounded earlier, by server/http_protocol.py):
 
-1. count it by endpoint and status (whatever the answer);
+1. give it an id, the client's `X-Request-Id` when it is sane (printable ASCII, no spaces, at most 128
+   characters) or a new one, sent back as `x-request-id` on every answer the app gives (errors and streams
+   too) and held in `request_id` for the access log line; count it by endpoint and status (whatever the
+   answer);
 2. while draining, 503 for everything but the probes and /metrics;
 3. the API key, when the server has keys, on every route but /health and /ready (and /metrics or the docs when
    a setting opens them), read from the headers before one byte of the body is: 401 with
@@ -14,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import uuid
+from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,10 +27,27 @@ from server.config import Settings
 from server.errors import APIError, InvalidRequest, Unauthorized, Unavailable, error_response
 from server.state import ServerState
 
-ENDPOINTS = {"/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health", "/ready", "/metrics"}
+ENDPOINTS = {
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    "/health",
+    "/ready",
+    "/metrics",
+}
 PROBES = {"/health", "/ready"}
 DOCS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 OPEN_WHILE_DRAINING = {*PROBES, "/metrics"}
+REQUEST_ID_HEADER = b"x-request-id"
+IGNORED_FIELDS = "ignored_fields"  # the key server/body.py sets in the request's state
+IGNORED_FIELDS_HEADER = b"x-windowlm-ignored-fields"
+SANE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # printable ASCII without spaces
+
+# The id of the request being answered, set by the gate for everything that runs under it: uvicorn writes its
+# access log line inside the gate's `send`, so a logging filter can read it there (server/serve.py).
+request_id: ContextVar[str | None] = ContextVar("windowlm_request_id", default=None)
 
 
 class PayloadTooLarge(APIError):
@@ -42,6 +65,25 @@ def endpoint_label(path: str) -> str:
     if path in ENDPOINTS:
         return path
     return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+
+
+def request_id_of(scope: Scope) -> str:
+    """The client's X-Request-Id when it is sane, else a new id (uuid4, hex)."""
+    given = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), None)
+    if given is not None and SANE_REQUEST_ID.fullmatch(given):
+        return given.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def with_request_id(message: Message, rid: str, scope: Scope) -> Message:
+    """A response start carrying `x-request-id: rid` (in place of any the app set), and the request's ignored
+    fields when the body parser found some (server/body.py puts them in the request's state)."""
+    headers = [(name, value) for name, value in message.get("headers", []) if name.lower() != REQUEST_ID_HEADER]
+    headers.append((REQUEST_ID_HEADER, rid.encode("ascii")))
+    ignored = scope.get("state", {}).get(IGNORED_FIELDS)
+    if ignored:
+        headers.append((IGNORED_FIELDS_HEADER, ignored.encode("ascii")))
+    return {**message, "headers": headers}
 
 
 def content_length(scope: Scope) -> bytes | None:
@@ -71,11 +113,14 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         status = 500
+        rid = request_id_of(scope)
+        token = request_id.set(rid)
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = with_request_id(message, rid, scope)
             await send(message)
 
         try:
@@ -89,8 +134,9 @@ class RequestGate:
             else:
                 await self.app(scope, receive, send_and_record)
         finally:
+            request_id.reset(token)
             metrics = self.state.metrics
-            metrics.requests.labels(endpoint=endpoint_label(scope["path"]), status=str(status)).inc()
+            metrics.answered(endpoint_label(scope["path"]), status)
             if 400 <= status < 500 and status not in (401, 404, 429, 499):
                 metrics.failed("validation")
 

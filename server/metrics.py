@@ -1,62 +1,79 @@
-"""Prometheus metrics of the API and the engine, in a registry of their own (one per app)."""
+"""Prometheus metrics of the API and the engine, in a registry of their own (one per app).
+
+The names follow Prometheus' conventions and pass `promtool check metrics`: counters end in `_total`, nothing
+else does, every name carries its unit (`_seconds`, `_tokens`, `_sequences`), and no `_created` series are
+exported (they double the series count and most dashboards never read them). The request-level series carry
+the served model's name as the label `model`; the engine-level gauges and step histograms do not (one process
+serves one model, and tools such as the autoscaler read the gauges unlabelled).
+"""
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from server.scheduler import FAILURE_REASONS, StepStats
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+DEFAULT_MODEL_NAME = "default"
+# From 100 µs, which resolves one decode step of a small model on a CPU, to the 2 minutes of a long generation.
+LATENCY_BUCKETS = (
+    *(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05),
+    *(0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120),
+)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+REFUSAL_REASONS = ("validation", "overloaded")  # failures counted by the HTTP side, besides the engine's
 
 
 class Metrics:
     """Every metric windowlm exports; names start with `windowlm_`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str = DEFAULT_MODEL_NAME, registry: CollectorRegistry | None = None) -> None:
+        # prometheus_client's documented switch (also PROMETHEUS_DISABLE_CREATED_SERIES=true, read once when it is
+        # imported): called here, it holds whatever the environment says. It is process-wide, read at collection.
+        disable_created_metrics()
+        self.model_name = model_name
         self.registry = CollectorRegistry() if registry is None else registry
         r = self.registry
         self.requests = Counter(
-            "windowlm_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+            "windowlm_requests",
+            "HTTP requests by endpoint and status code",
+            ["model", "endpoint", "status"],
+            registry=r,
         )
         self.request_failures = Counter(
             "windowlm_request_failures",
-            "Requests that failed, by reason (validation, overloaded, cancelled, error)",
-            ["reason"],
+            "Requests that failed, by reason (validation, overloaded, cancelled, stalled, error)",
+            ["model", "reason"],
             registry=r,
         )
-        self.time_to_first_token = Histogram(
-            "windowlm_time_to_first_token_seconds",
-            "Arrival to first generated token",
-            buckets=LATENCY_BUCKETS,
+        self.requests_with_unknown_fields = Counter(
+            "windowlm_requests_with_unknown_fields",
+            "Requests that carried fields the server does not know and ignored, by endpoint",
+            ["model", "endpoint"],
             registry=r,
         )
-        self.inter_token_latency = Histogram(
-            "windowlm_inter_token_latency_seconds",
-            "Time between two tokens of a sequence",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.time_to_first_token = self.request_histogram(
+            "windowlm_time_to_first_token_seconds", "Arrival to first generated token", LATENCY_BUCKETS
         )
-        self.e2e_latency = Histogram(
-            "windowlm_e2e_request_latency_seconds",
-            "Arrival to last token of a sequence",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.inter_token_latency = self.request_histogram(
+            "windowlm_inter_token_latency_seconds", "Time between two tokens of a sequence", LATENCY_BUCKETS
         )
-        self.queue_time = Histogram(
-            "windowlm_queue_time_seconds", "Arrival to admission into a slot", buckets=LATENCY_BUCKETS, registry=r
+        self.e2e_latency = self.request_histogram(
+            "windowlm_e2e_request_latency_seconds", "Arrival to last token of a sequence", LATENCY_BUCKETS
         )
-        self.request_prompt_tokens = Histogram(
-            "windowlm_request_prompt_tokens", "Prompt tokens per sequence", buckets=TOKEN_BUCKETS, registry=r
+        self.queue_time = self.request_histogram(
+            "windowlm_queue_time_seconds", "Arrival to admission into a slot", LATENCY_BUCKETS
         )
-        self.request_generation_tokens = Histogram(
-            "windowlm_request_generation_tokens", "Generated tokens per sequence", buckets=TOKEN_BUCKETS, registry=r
+        self.request_prompt_tokens = self.request_histogram(
+            "windowlm_request_prompt_tokens", "Prompt tokens per sequence", TOKEN_BUCKETS
+        )
+        self.request_generation_tokens = self.request_histogram(
+            "windowlm_request_generation_tokens", "Generated tokens per sequence", TOKEN_BUCKETS
         )
         self.batch_size = Histogram(
-            "windowlm_batch_size", "Sequences in one decode step", buckets=BATCH_BUCKETS, registry=r
+            "windowlm_batch_size_sequences", "Sequences in one decode step", buckets=BATCH_BUCKETS, registry=r
         )
         self.decode_step_seconds = Histogram(
             "windowlm_decode_step_seconds", "Duration of one batched decode step", buckets=LATENCY_BUCKETS, registry=r
@@ -67,13 +84,29 @@ class Metrics:
             "windowlm_requests_paused", "Sequences holding a slot but paused until their reader catches up", registry=r
         )
         self.kv_slots_used = Gauge("windowlm_kv_slots_used", "KV cache slots in use", registry=r)
-        self.kv_slots_total = Gauge("windowlm_kv_slots_total", "KV cache slots in all", registry=r)
+        self.kv_slots_capacity = Gauge("windowlm_kv_slots_capacity", "KV cache slots in all", registry=r)
         self.prompt_tokens_total = Counter("windowlm_prompt_tokens", "Prompt tokens read into the cache", registry=r)
         self.generation_tokens_total = Counter("windowlm_generation_tokens", "Tokens generated", registry=r)
+        for reason in (*REFUSAL_REASONS, *FAILURE_REASONS):  # every reason exported from the start, at 0
+            self.request_failures.labels(model=model_name, reason=reason)
+
+    def request_histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+        """A histogram of requests, labelled with the served model (the one child this process observes)."""
+        family = Histogram(name, documentation, ["model"], buckets=buckets, registry=self.registry)
+        return family.labels(model=self.model_name)
+
+    def answered(self, endpoint: str, status: int) -> None:
+        """Count one HTTP request by its (bounded) endpoint label and the status it was answered with."""
+        self.requests.labels(model=self.model_name, endpoint=endpoint, status=str(status)).inc()
 
     def failed(self, reason: str) -> None:
         """Count a request that failed: the one place the failure counter moves."""
-        self.request_failures.labels(reason=reason).inc()
+        self.request_failures.labels(model=self.model_name, reason=reason).inc()
+
+    def unknown_fields(self, endpoint: str) -> None:
+        """Count a request that carried fields the server ignored. The field names are the client's, so they are
+        never label values (each new name would be a new series); `endpoint` is the route's own path."""
+        self.requests_with_unknown_fields.labels(model=self.model_name, endpoint=endpoint).inc()
 
     def observe_step(self, stats: StepStats) -> None:
         """Everything one engine step did."""

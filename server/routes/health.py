@@ -1,4 +1,5 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics; each answers HEAD as it answers GET, without the body (uvicorn
+drops it), for probes and monitors that send HEAD. HEAD is left out of the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from server.state import StateDep
 router = APIRouter()
 
 
+@router.head("/health", include_in_schema=False)
 @router.get("/health")
 def health(state: StateDep) -> JSONResponse:
     """200 while the process and the engine loop are alive (also while loading); 503 once either has failed."""
@@ -21,6 +23,7 @@ def health(state: StateDep) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+@router.head("/ready", include_in_schema=False)
 @router.get("/ready")
 def ready(state: StateDep) -> JSONResponse:
     """200 when requests can be served; 503 while loading weights, while draining, or after a failure."""
@@ -35,6 +38,7 @@ PROMETHEUS_TEXT = {
 }
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 def metrics(state: StateDep) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -147,7 +147,7 @@ def test_settings_are_overridden_by_variables_and_appended_arguments(checkpoint:
         process.wait_for("/ready")
         assert httpx.get(f"{process.url}/v1/models", timeout=5).json()["data"][0]["id"] == "renamed"
         metrics = httpx.get(f"{process.url}/metrics", timeout=5).text
-        assert "windowlm_kv_slots_total 3.0" in metrics  # the appended flag wins over the variable
+        assert "windowlm_kv_slots_capacity 3.0" in metrics  # the appended flag wins over the variable
         assert len(streamed_text(process.url, "renamed")) > 0
     finally:
         code = process.stop()

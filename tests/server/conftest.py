@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +50,8 @@ class ServerProcess:
         self.headers = {} if key is None else {"Authorization": f"Bearer {key}"}  # what /metrics needs
         command = [sys.executable, "-m", "server.cli", "serve", "--weights", str(weights), "--port", str(self.port)]
         command += ["--model-name", TEST_MODEL, "--log-level", "warning", *flags]
-        self.log = open(weights.parent / f"server-{self.port}.log", "w+")  # noqa: SIM115 - closed in stop()
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop(); never beside the weights
+
         self.process = subprocess.Popen(
             command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )

@@ -106,7 +106,7 @@ def test_queue_limit_and_cancelled_waiting_request(model) -> None:
         await events.get()
         running.cancel()
         await until(lambda: not engine.busy)
-        started = engine.metrics.registry.get_sample_value("windowlm_queue_time_seconds_count")
+        started = engine.metrics.registry.get_sample_value("windowlm_queue_time_seconds_count", {"model": "default"})
         return started, engine.busy
 
     started, busy = run_engine(model, scenario, max_batch_size=1, max_queue=1)
@@ -176,7 +176,7 @@ def test_a_waiting_request_whose_connection_closed_is_never_started(model) -> No
         here = EngineRequest(list(b"here"), GREEDY, 5, loop, events, tag=1, peer_closed=lambda: False)
         engine.submit([gone, here])
         seen = await collect(events, 1)
-        return seen, engine.metrics.registry.get_sample_value("windowlm_queue_time_seconds_count")
+        return seen, engine.metrics.registry.get_sample_value("windowlm_queue_time_seconds_count", {"model": "default"})
 
     seen, started = run_engine(model, scenario, max_batch_size=1)
     assert list(seen) == [1] and started == 1

@@ -151,19 +151,28 @@ def test_health_ready_and_metrics_parse(tiny: ServerProcess) -> None:
         "windowlm_queue_time_seconds",
         "windowlm_request_prompt_tokens",
         "windowlm_request_generation_tokens",
-        "windowlm_batch_size",
+        "windowlm_batch_size_sequences",
         "windowlm_decode_step_seconds",
         "windowlm_requests_running",
         "windowlm_requests_waiting",
         "windowlm_kv_slots_used",
-        "windowlm_kv_slots_total",
+        "windowlm_kv_slots_capacity",
         "windowlm_prompt_tokens",
         "windowlm_generation_tokens",
     ):
         assert name in families, name
-    assert tiny.metric("windowlm_kv_slots_total") == 1
+    assert tiny.metric("windowlm_kv_slots_capacity") == 1
     assert tiny.metric("windowlm_requests_total", endpoint="/v1/completions", status="200") >= 1
     assert tiny.metric("windowlm_generation_tokens_total") >= 3
+
+
+def test_head_answers_like_get_without_a_body(tiny: ServerProcess) -> None:
+    for path, headers in (("/health", {}), ("/ready", {}), ("/metrics", AUTH)):
+        got, head = httpx.get(f"{tiny.url}{path}", headers=headers), httpx.head(f"{tiny.url}{path}", headers=headers)
+        assert head.status_code == got.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert int(head.headers["content-length"]) > 0, path
+    assert httpx.head(f"{tiny.url}/metrics").status_code == 401  # HEAD passes the same key check
 
 
 def test_sigterm_drains_streams_then_exits_zero(relative_checkpoint) -> None:
