@@ -14,6 +14,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from model.chat_template import ChatTemplate
+from server.chat_protocol import ChatCompletionRequest
+from server.chat_templates import server_chat_template
 from server.config import Settings
 from server.engine import Engine
 from server.errors import install_error_handlers
@@ -22,7 +25,7 @@ from server.gate import RequestGate, open_without_key
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.routes import completions, health, models, tokens
+from server.routes import chat, completions, health, models, tokens
 from server.state import ServerState
 from weights.io import load_checkpoint
 
@@ -58,20 +61,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings, metrics: Metrics | None = None, api_key_digests: list[bytes] | None = None
+    settings: Settings,
+    metrics: Metrics | None = None,
+    api_key_digests: list[bytes] | None = None,
+    chat_template: ChatTemplate | None = None,
 ) -> FastAPI:
-    """The app of `settings`; API keys are those of the settings unless their digests are given."""
+    """The app of `settings`; API keys and the chat template are those of the settings unless given."""
     digests = settings.api_key_digests() if api_key_digests is None else api_key_digests
-    state = ServerState(settings=settings, metrics=Metrics() if metrics is None else metrics, api_key_digests=digests)
+    metrics = Metrics(settings.served_model_name()) if metrics is None else metrics
+    state = ServerState(settings=settings, metrics=metrics, api_key_digests=digests)
+    state.chat_template = server_chat_template(settings, settings.weights) if chat_template is None else chat_template
     app = FastAPI(title="windowlm", version="0.1.0", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
-    for router in (completions.router, models.router, tokens.router, health.router):
+    for router in (completions.router, chat.router, models.router, tokens.router, health.router):
         app.include_router(router)
     app.add_middleware(RequestGate, state=state)
     open_paths = open_without_key(settings) if digests else None
     install_openapi(
-        app, [CompletionRequest, TokenizeRequest, DetokenizeRequest], settings.served_model_name(), open_paths
+        app,
+        [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest],
+        settings.served_model_name(),
+        open_paths,
     )
     return app
 

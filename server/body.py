@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from server.errors import InvalidRequest
+from server.gate import endpoint_label
 
 MAX_FRACTIONAL_NUMBERS = 256
 
@@ -71,14 +73,57 @@ def validation_error(error: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"{path}: {message}" if path else message, param=param)
 
 
+MAX_NAMED_FIELDS = 16  # unknown fields named in the response header, at most
+
+
+def unknown_fields(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
+    """The keys of `data` that `model` does not declare, and those of its nested objects (`stream_options.x`)."""
+    found = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            found.append(prefix + key)
+        elif isinstance(value, dict):
+            nested = next((kind for kind in typing.get_args(field.annotation) if is_model(kind)), field.annotation)
+            if is_model(nested):
+                found += unknown_fields(value, nested, f"{prefix}{key}.")
+    return found
+
+
+def is_model(kind: object) -> bool:
+    return isinstance(kind, type) and issubclass(kind, BaseModel)
+
+
+def header_names(names: list[str]) -> str:
+    """Unknown field names as a header value: printable ASCII only, each cut short, at most MAX_NAMED_FIELDS."""
+    safe = [name.encode("ascii", "replace").decode()[:64] for name in names[:MAX_NAMED_FIELDS]]
+    shown = ", ".join("".join(c if c.isprintable() else "?" for c in name) for name in safe)
+    return shown + (f", and {len(names) - MAX_NAMED_FIELDS} more" if len(names) > MAX_NAMED_FIELDS else "")
+
+
+def check_unknown_fields(request: Request, data: dict[str, Any], model: type[BaseModel]) -> None:
+    """Fields the API does not declare: ignored, named in the `x-windowlm-ignored-fields` response header and
+    counted; or, when the server runs with `reject_unknown_fields`, a 400 naming the first."""
+    names = unknown_fields(data, model)
+    if not names:
+        return
+    state = request.app.state.server
+    if state.settings.reject_unknown_fields:
+        raise InvalidRequest(f"unknown field {names[0]!r}: this server refuses fields it does not know", param=names[0])
+    request.state.ignored_fields = header_names(names)  # the request gate puts it in the response's header
+    state.metrics.unknown_fields(endpoint_label(request.url.path))
+
+
 def json_body(model: type[Model]) -> Callable[[Request], Awaitable[Model]]:
     """A dependency that reads the body as `model`: JSON, then the model's cheap `check_sizes(data, settings)`
-    if it has one, then strict validation (no strings or booleans taken for numbers, nor numbers for booleans)."""
+    if it has one, then strict validation (no strings or booleans taken for numbers, nor numbers for booleans).
+    Fields the model does not declare are ignored; see `check_unknown_fields`."""
 
     async def parse(request: Request) -> Model:
         data = parse_json(await request.body())
         if not isinstance(data, dict):
             raise InvalidRequest("the body must be a JSON object")
+        check_unknown_fields(request, data, model)
         check_sizes = getattr(model, "check_sizes", None)
         if check_sizes is not None:
             check_sizes(data, request.app.state.server.settings)

@@ -6,12 +6,11 @@ choices of one request into deltas. The HTTP routes and `windowlm generate` shar
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from model.tokenizer import IncrementalDecoder
-from server.engine_request import EngineRequest, FinishEvent, TokenEvent
-from server.protocol import Logprobs
+from server.engine_request import EngineRequest, FinishEvent, PromptLogprobsEvent, TokenEvent
 from server.stop_matcher import StopMatcher
 
 LOWEST_LOGPROB = -9999.0  # JSON has no -Infinity: a token of probability 0 in float32 reports this
@@ -22,55 +21,120 @@ def token_text(token: int) -> str:
     return chr(token) if token < 0x80 else f"bytes:\\x{token:02x}"
 
 
+def finite(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB)
+
+
+@dataclass
+class TokenLogprob:
+    """One token of a choice's text with its logprob under the model's raw distribution."""
+
+    token: int
+    logprob: float | None  # None for the first token of an echoed prompt: nothing predicts it
+    top: list[tuple[int, float]]  # the most likely tokens at its position, best first
+    text_offset: int  # where the token's character begins in the choice's text
+
+
 @dataclass
 class ChoiceDelta:
     index: int
     text: str = ""
-    logprobs: Logprobs | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether a client learns anything from it (a token that only began a character changes nothing)."""
+        return bool(self.text or self.logprobs or self.finish_reason)
 
 
 @dataclass
 class ChoiceText:
-    """One choice's text so far: incremental UTF-8 decoding, stop sequences and logprobs.
+    """One choice's text so far: the echoed prompt, incremental UTF-8 decoding, stop sequences and logprobs.
 
-    A token's `text_offset` is where its character begins in the choice's text (after the echoed prompt, which
-    is where counting starts): the bytes of one character share its offset, and text held back by the stop
-    matcher is counted where it stands, before it is emitted."""
+    A token's `text_offset` is where its character begins in the choice's text (the echoed prompt included):
+    the bytes of one character share its offset, and text held back by the stop matcher is counted where it
+    stands, before it is emitted. No stop sequence ends the choice within its first `min_tokens` tokens: their
+    text bypasses the matcher, which looks only at what follows. With `prompt_logprobs`, the echoed prompt is
+    emitted token by token as its logprobs arrive (the first token has none)."""
 
     index: int
     stop: list[str]
-    want_logprobs: bool
+    logprobs: int | None = None  # alternatives wanted per token; None: no logprobs
+    echo: list[int] | None = None  # the prompt's ids, when it is echoed
+    prompt_logprobs: bool = False
+    min_tokens: int = 0
     text_offset: int = 0  # where the next decoded character begins
     completion_tokens: int = 0
+    total_logprob: float = 0.0  # of the generated tokens: what best_of ranks candidates by
     finish_reason: str | None = None
     decoder: IncrementalDecoder = field(default_factory=IncrementalDecoder)
+    echoed: int = 0  # prompt tokens emitted so far
 
     def __post_init__(self) -> None:
         self.matcher = StopMatcher(self.stop)
 
+    @property
+    def want_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    def opening(self) -> ChoiceDelta:
+        """What the choice says before any event: the echoed prompt, unless it waits for its logprobs."""
+        delta = ChoiceDelta(self.index)
+        if self.echo is not None and not self.prompt_logprobs:
+            self.echo_prompt(len(self.echo), delta)
+        return delta
+
+    def echo_prompt(
+        self, end: int, delta: ChoiceDelta, start: int = 1, rows: Sequence[tuple[float, list]] = ()
+    ) -> None:
+        """Emit the prompt's tokens up to `end`; `rows` are the (logprob, top) of its tokens from `start` on."""
+        assert self.echo is not None
+        for position in range(self.echoed, end):
+            offset = self.text_offset
+            piece = self.decoder.push(self.echo[position])
+            if position == len(self.echo) - 1:
+                piece += self.decoder.flush()  # the prompt ends here, a complete character or not
+            self.text_offset += len(piece)
+            delta.text += piece
+            if self.prompt_logprobs:
+                logprob, top = rows[position - start] if position >= start and rows else (None, [])
+                delta.logprobs.append(TokenLogprob(self.echo[position], logprob, top, offset))
+        self.echoed = max(self.echoed, end)
+
+    def on_prompt_logprobs(self, event: PromptLogprobsEvent, delta: ChoiceDelta) -> None:
+        if self.echo is None or not self.prompt_logprobs:
+            return
+        rows = list(zip(event.token_logprobs, event.top_logprobs, strict=True))
+        self.echo_prompt(event.start + len(rows), delta, event.start, rows)
+
+    def finish_echo(self, delta: ChoiceDelta) -> None:
+        """The prompt's scores are over (its first token came, or it ended): whatever is left of it goes out."""
+        if self.echo is not None and self.echoed < len(self.echo):
+            self.echo_prompt(len(self.echo), delta)
+
     def on_token(self, event: TokenEvent, delta: ChoiceDelta) -> None:
+        self.finish_echo(delta)
         self.completion_tokens += 1
+        self.total_logprob += event.logprob
         offset = self.text_offset  # where the token's character begins, held back or not
         piece = self.decoder.push(event.token)
         self.text_offset += len(piece)
-        text, stopped = self.matcher.push(piece)
+        if self.completion_tokens <= self.min_tokens:
+            text, stopped = piece, False
+        else:
+            text, stopped = self.matcher.push(piece)
         if self.want_logprobs:
-            logprobs = delta.logprobs if delta.logprobs is not None else Logprobs()
-            logprobs.tokens.append(token_text(event.token))
-            logprobs.token_logprobs.append(max(event.logprob, LOWEST_LOGPROB))
-            logprobs.top_logprobs.append(
-                {token_text(token): max(value, LOWEST_LOGPROB) for token, value in event.top_logprobs}
-            )
-            logprobs.text_offset.append(offset)
-            delta.logprobs = logprobs
+            delta.logprobs.append(TokenLogprob(event.token, event.logprob, event.top_logprobs, offset))
         delta.text += text
         if stopped:
             self.finish_reason = delta.finish_reason = "stop"
 
     def on_length(self, delta: ChoiceDelta) -> None:
         """The engine ended the sequence at max_tokens or the context limit: release what was held back."""
-        text, stopped = self.matcher.push(self.decoder.flush())
+        self.finish_echo(delta)
+        tail = self.decoder.flush()
+        text, stopped = (tail, False) if self.completion_tokens < self.min_tokens else self.matcher.push(tail)
         if not stopped:
             text += self.matcher.flush()
         delta.text += text
@@ -86,9 +150,13 @@ async def merge_choice_events(
 ) -> AsyncIterator[list[ChoiceDelta] | None]:
     """Merge the events of every choice into lists of deltas; None after about `idle_seconds` without events.
 
-    A choice that meets a stop sequence is cancelled in the engine at once. The engine requests are cancelled
-    when the iteration ends for any reason (client gone, error), so their slots are freed.
+    The first list holds each choice's opening (an echoed prompt), when there is one. A choice that meets a
+    stop sequence is cancelled in the engine at once. The engine requests are cancelled when the iteration ends
+    for any reason (client gone, error), so their slots are freed.
     """
+    openings = [delta for delta in (choice.opening() for choice in choices) if delta.changed]
+    if openings:
+        yield openings
     events = requests[0].events
     open_choices = {choice.index for choice in choices}
     by_index = {choice.index: choice for choice in choices}
@@ -116,13 +184,8 @@ async def merge_choice_events(
                     requests_by_index[index].mark_delivered(1)
                 if index not in open_choices:
                     continue
-                choice, delta = by_index[index], deltas.setdefault(index, ChoiceDelta(index))
-                if isinstance(event, TokenEvent):
-                    choice.on_token(event, delta)
-                elif isinstance(event, FinishEvent):
-                    if event.reason == "error":
-                        raise GenerationFailed(event.message or "generation failed")
-                    choice.on_length(delta)
+                choice = by_index[index]
+                apply_event(choice, event, deltas.setdefault(index, ChoiceDelta(index)))
                 if choice.finish_reason is not None:
                     open_choices.discard(index)
                     requests_by_index[index].reached_stop_sequence()
@@ -131,6 +194,17 @@ async def merge_choice_events(
         heartbeat.cancel()
         for request in requests:
             request.cancel()
+
+
+def apply_event(choice: ChoiceText, event: TokenEvent | PromptLogprobsEvent | FinishEvent, delta: ChoiceDelta) -> None:
+    if isinstance(event, TokenEvent):
+        choice.on_token(event, delta)
+    elif isinstance(event, PromptLogprobsEvent):
+        choice.on_prompt_logprobs(event, delta)
+    elif event.reason == "error":
+        raise GenerationFailed(event.message or "generation failed")
+    else:
+        choice.on_length(delta)
 
 
 IDLE = object()  # put on a request's event queue at every beat, so a stream waiting for tokens can ping

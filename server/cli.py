@@ -8,6 +8,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.bench.chat import add_chat_bench_arguments
     from server.bench.decode import add_decode_bench_arguments
     from server.bench.serve import add_serve_bench_arguments
     from server.bench.soak import add_soak_bench_arguments
@@ -34,17 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_bench_arguments(bench_kinds.add_parser("decode", help="decode speed and memory of the sliding cache"))
     add_serve_bench_arguments(bench_kinds.add_parser("serve", help="the HTTP path under concurrent streams"))
     add_soak_bench_arguments(bench_kinds.add_parser("soak", help="a bounded load of careless and hostile clients"))
+    add_chat_bench_arguments(bench_kinds.add_parser("chat", help="per-token latency of chat against completions"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
+        from server.bench.chat import run_chat_bench
         from server.bench.decode import run_decode_bench
         from server.bench.serve import run_serve_bench
         from server.bench.soak import run_soak_bench
 
-        run = {"decode": run_decode_bench, "serve": run_serve_bench, "soak": run_soak_bench}[args.bench]
+        benches = {"decode": run_decode_bench, "serve": run_serve_bench, "soak": run_soak_bench, "chat": run_chat_bench}
+        run = benches[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0
     if args.command == "generate":

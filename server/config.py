@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import types
 import typing
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -39,6 +40,10 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(65536, ge=1, description="longest prompt in tokens (a list item or a string)")
     max_tokens_limit: int = Field(16384, ge=1, description="largest max_tokens a request may ask for")
     clamp_max_tokens: bool = Field(False, description="clamp max_tokens over the limit instead of answering 400")
+    chat_max_tokens: int = Field(1024, ge=1, description="max_tokens of a chat completion that sets none")
+    reject_unknown_fields: bool = Field(
+        False, description="answer 400 to request fields the API does not know, instead of ignoring them"
+    )
     prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens per prefill step (a window multiple)")
     api_key: typing.Annotated[list[str], NoDecode] = Field(
         [],
@@ -59,6 +64,13 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(30.0, ge=0, description="seconds streams in flight may run after SIGTERM")
     ping_interval: float = Field(15.0, gt=0, description="seconds between SSE comment pings on an idle stream")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+    chat_template: Path | None = Field(None, description="Jinja2 chat template file; overrides the checkpoint's")
+    chat_template_stop: typing.Annotated[list[str], NoDecode] = Field(
+        [],
+        description="a stop string that ends the model's turn under --chat-template (repeatable, taken "
+        'literally; the variable holds a JSON array such as ["\\n\\n"])',
+        json_schema_extra={"metavar": "TEXT"},
+    )
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -75,6 +87,29 @@ class Settings(BaseSettings):
                 raise ValueError("an API key must not be empty")
             return keys
         return value
+
+    @field_validator("chat_template_stop", mode="before")
+    @classmethod
+    def decode_stops(cls, value: object) -> object:
+        """The variable holds a JSON array of strings, since a stop may hold commas and newlines, which JSON
+        writes on one line with escapes (empty: none); each flag holds one stop, taken literally."""
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError('must be a JSON array of strings, such as ["\\n\\n"]') from None
+        if isinstance(value, list) and not all(isinstance(text, str) and text for text in value):
+            raise ValueError("a stop string must be a non-empty string")
+        return value
+
+    @model_validator(mode="after")
+    def stops_need_a_template(self) -> Settings:
+        """Stop strings belong to the template whose turns they end: they come with --chat-template."""
+        if self.chat_template_stop and self.chat_template is None:
+            raise ValueError("chat_template_stop is given without chat_template")
+        return self
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -112,8 +147,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         annotation = field.annotation
         if annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif typing.get_origin(annotation) is list:  # the API keys
-            parser.add_argument(flag, action="append", default=None, metavar="KEY", help=text)
+        elif typing.get_origin(annotation) is list:  # the API keys, the chat template's stops
+            metavar = (field.json_schema_extra or {}).get("metavar", "KEY")
+            parser.add_argument(flag, action="append", default=None, metavar=metavar, help=text)
         elif typing.get_origin(annotation) is Literal:
             parser.add_argument(flag, choices=typing.get_args(annotation), default=None, help=text)
         else:

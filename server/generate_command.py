@@ -80,7 +80,7 @@ async def stream_completion(engine: Engine, request: EngineRequest, stop: list[s
         await asyncio.sleep(0.001)
     request.loop, request.events = asyncio.get_running_loop(), asyncio.Queue()
     engine.submit([request])
-    choice = ChoiceText(0, stop, want_logprobs=False)
+    choice = ChoiceText(0, stop)
     async for deltas in merge_choice_events([request], [choice], idle_seconds=3600):
         for delta in deltas or []:
             out.write(delta.text)

@@ -1,8 +1,10 @@
 """Request and response bodies of the OpenAI-compatible API.
 
 Requests are validated strictly (server/body.py): a string or boolean is never taken for a number, nor a number
-for a boolean; unknown fields are refused, so a misspelt parameter is never silently ignored; text must be valid
-Unicode without NUL characters.
+for a boolean; text must be valid Unicode without NUL characters. Every field of OpenAI's request schemas is
+accepted, and `null` means the default for every optional one; what the server cannot honour is refused with a
+400 naming the field. Fields nobody declared are ignored (named in the `x-windowlm-ignored-fields` header and
+counted), or refused when the server runs with `--reject-unknown-fields`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ TokenIdLists = Annotated[list[TokenIds], Field(min_length=1, fail_fast=True)]
 Prompt = Annotated[Text, Field(min_length=1)] | Texts | TokenIds | TokenIdLists
 StopText = Annotated[Text, Field(min_length=1)]
 
-STRICT = ConfigDict(extra="forbid", strict=True)
+STRICT = ConfigDict(extra="ignore", strict=True)  # unknown fields: see server/body.py
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 SAMPLING = SamplingParams()  # the defaults of every sampling field, declared once, in model.sampling
 
@@ -66,17 +68,31 @@ def check_prompt_tokens(count: int, settings: Settings, param: str) -> None:
 
 class StreamOptions(BaseModel):
     model_config = STRICT
-    include_usage: bool = False
+    include_usage: bool | None = Field(False, description="a last chunk with the usage of the whole request")
+    continuous_usage_stats: bool | None = Field(False, description="the usage so far on every chunk")
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions."""
+def logit_bias_entries(bias: dict[str, float] | None) -> dict[str, float] | None:
+    """Keys are token ids written as decimal strings (JSON object keys are strings), as OpenAI's API has them."""
+    for key in bias or {}:
+        if not (key.isascii() and key.isdigit() and str(int(key)) == key and int(key) < VOCAB_SIZE):
+            raise ValueError(f"keys must be token ids 0..{VOCAB_SIZE - 1} written as strings, got {key[:20]!r}")
+    return bias
+
+
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-100, le=100)]],
+    Field(max_length=VOCAB_SIZE),
+    AfterValidator(logit_bias_entries),
+]
+
+
+class GenerationRequest(BaseModel):
+    """The fields completions and chat completions share: the model, sampling, stops, streaming."""
 
     model_config = STRICT
 
     model: Text
-    prompt: Prompt
-    max_tokens: integer(ge=1) | None = DEFAULT_MAX_TOKENS
     temperature: float | None = Field(SAMPLING.temperature, ge=0, le=2)
     # The float32 bounds are documented here and checked by SamplingParams.validate, whose message says why.
     top_p: float | None = Field(SAMPLING.top_p, gt=0, le=1, json_schema_extra={"minimum": FLOAT32_TINY})
@@ -88,13 +104,41 @@ class CompletionRequest(BaseModel):
         SAMPLING.repetition_penalty, gt=0, json_schema_extra={"minimum": FLOAT32_TINY, "maximum": FLOAT32_MAX}
     )
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(None, validate_default=True)
-    seed: integer(ge=-(2**63), lt=2**64) | None = None
-    n: integer(ge=1) = 1
-    echo: bool = False
-    logprobs: integer(ge=0, le=20) | None = None
-    stream: bool = False
+    seed: integer(ge=-(2**63), lt=2**63) | None = Field(None, description="a signed 64-bit integer")
+    n: integer(ge=1) | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
+    logit_bias: LogitBias | None = Field(None, description="token id -> bias in [-100, 100]; -100 bans the token")
+    ignore_eos: bool | None = Field(
+        None,
+        description="a byte model has no end-of-sequence token; in chat, the chat template's end-of-turn stop "
+        "strings play its part and are not applied (the request's own stop strings still are)",
+    )
+    min_tokens: integer(ge=0) | None = Field(
+        None,
+        description="no stop sequence (the request's or the chat template's) ends a choice before this many tokens",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def stop_strings(cls, stop: str | list[str] | None) -> list[str]:
+        return [] if stop is None else [stop] if isinstance(stop, str) else stop
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: Prompt
+    max_tokens: integer(ge=0) | None = Field(
+        DEFAULT_MAX_TOKENS, description="0 reads the prompt only: with echo and logprobs, the prompt's scores"
+    )
+    echo: bool | None = False
+    logprobs: integer(ge=0, le=20) | None = None
+    best_of: integer(ge=1) | None = Field(
+        None, description="candidates per prompt; the n with the highest total logprob are returned (not streamed)"
+    )
+    suffix: Text | None = Field(None, description="refused unless empty: this model cannot insert text")
 
     @classmethod
     def check_sizes(cls, data: dict[str, Any], settings: Settings) -> None:
@@ -107,11 +151,6 @@ class CompletionRequest(BaseModel):
                 f"prompt has {len(prompts)} items; at most {settings.max_sequences} prompts per request", param="prompt"
             )
         check_prompt_tokens(sum(len(item) for item in prompts if isinstance(item, (str, list))), settings, "prompt")
-
-    @field_validator("stop")
-    @classmethod
-    def stop_strings(cls, stop: str | list[str] | None) -> list[str]:
-        return [] if stop is None else [stop] if isinstance(stop, str) else stop
 
 
 class TokenizeRequest(BaseModel):
@@ -183,6 +222,10 @@ class ModelCard(BaseModel):
     max_model_len: int | None = Field(None, description="context limit; None when the model has none")
     window_size: int
     look_backward: int
+    chat_template: Literal["checkpoint", "setting", "default"] = Field(
+        description="the template /v1/chat/completions renders conversations with: the checkpoint's, the server's "
+        "setting, or the default script format for base models"
+    )
 
 
 class ModelList(BaseModel):

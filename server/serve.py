@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import functools
 import logging
 import os
@@ -22,12 +23,17 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.config import LOGGING_CONFIG
 
+from model.chat_template import ChatTemplate, ChatTemplateError
 from server.app import create_app, drain, load_engine
+from server.chat_templates import server_chat_template
 from server.config import Settings, settings_from
+from server.gate import request_id
 from server.http_protocol import GuardedH11Protocol, HttpLimits
 from server.state import ServerState
 from weights.io import CheckpointError, read_config
@@ -77,6 +83,25 @@ class HideQueryStrings(logging.Filter):
         return True
 
 
+class TagRequestIds(logging.Filter):
+    """Gives each access log record the id the client got in `x-request-id` (`-` outside a request): uvicorn
+    logs the line inside the request gate's `send`, where the gate's context variable holds the id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get() or "-"
+        return True
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's own logging configuration, with ` request_id=ID` at the end of every access line (uvicorn's
+    access formatter builds the line from the record's five arguments, so the id goes in through the format)."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["access"]["fmt"] += " request_id=%(request_id)s"
+    config.setdefault("filters", {})["request_id"] = {"()": TagRequestIds}
+    config["handlers"]["access"]["filters"] = ["request_id"]
+    return config
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """Bind the server's socket here, on the main thread, so a port in use fails start-up at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -92,16 +117,17 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def startup_settings(args: argparse.Namespace) -> tuple[Settings, list[bytes]]:
-    """Settings and API key digests, or SystemExit with one line naming what is wrong."""
+def startup_settings(args: argparse.Namespace) -> tuple[Settings, list[bytes], ChatTemplate]:
+    """Settings, API key digests and the chat template, or SystemExit with one line naming what is wrong."""
     try:
         settings = settings_from(args)
         read_config(settings.weights)  # a wrong folder fails here, at once, not after the server started
-        return settings, settings.api_key_digests()
+        template = server_chat_template(settings, settings.weights)
+        return settings, settings.api_key_digests(), template
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
         raise SystemExit(f"windowlm serve: invalid setting: {problems}") from None
-    except CheckpointError as error:
+    except (CheckpointError, ChatTemplateError) as error:
         raise SystemExit(f"windowlm serve: {error}") from None
     except (OSError, ValueError) as error:
         raise SystemExit(f"windowlm serve: cannot read the API keys: {error}") from None
@@ -109,7 +135,7 @@ def startup_settings(args: argparse.Namespace) -> tuple[Settings, list[bytes]]:
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
-        settings, key_digests = startup_settings(args)
+        settings, key_digests, chat_template = startup_settings(args)
         sock = listening_socket(settings.host, settings.port)
     except SystemExit as error:
         print(error, file=sys.stderr)
@@ -120,11 +146,12 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(message)s")
     logging.getLogger("uvicorn.access").addFilter(HideQueryStrings())
 
-    app = create_app(settings, api_key_digests=key_digests)
+    app = create_app(settings, api_key_digests=key_digests, chat_template=chat_template)
     state: ServerState = app.state.server
     config = uvicorn.Config(
         app,
         log_level=settings.log_level,
+        log_config=uvicorn_log_config(),
         http=functools.partial(GuardedH11Protocol, limits=HttpLimits.from_settings(settings)),
         timeout_keep_alive=settings.keepalive_timeout,
         timeout_graceful_shutdown=5,

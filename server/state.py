@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from model.chat_template import ChatTemplate
 from server.config import Settings
 from server.engine import Engine
 from server.errors import Unavailable
@@ -23,6 +24,7 @@ class ServerState:
     load_error: str | None = None
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate.default)
 
     @property
     def ready(self) -> bool:

@@ -1,17 +1,21 @@
-"""From a validated completion request to engine requests: prompts as token ids, sampling parameters, and every
-limit of the model and the server, checked before anything is queued."""
+"""From a validated request to engine requests: prompts as token ids, a `GenerationSpec` that says the same for
+completions and chat, sampling parameters, and every limit of the model and the server, checked before anything
+is queued."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from model.sampling import SamplingError, SamplingParams
-from model.tokenizer import ByteTokenizer
+from model.tokenizer import VOCAB_SIZE, ByteTokenizer
 from server.config import Settings
 from server.engine import Engine
 from server.engine_request import EngineRequest
 from server.errors import InvalidRequest
-from server.protocol import DEFAULT_MAX_TOKENS, CompletionRequest, check_prompt_tokens
+from server.protocol import DEFAULT_MAX_TOKENS, GenerationRequest, check_prompt_tokens
 from server.scheduler import tokens_that_fit
 
 tokenizer = ByteTokenizer()
@@ -37,16 +41,73 @@ def prompt_token_lists(prompt: str | list, settings: Settings) -> list[list[int]
     return prompts
 
 
-def sampling_params(body: CompletionRequest, choice: int) -> SamplingParams:
-    """Sampling parameters of one choice: SamplingParams' defaults for what the request leaves out (or sends as
-    null); with a seed, choice i uses seed + i so that choices differ."""
-    given = {name: value for name in SAMPLING_FIELDS if (value := getattr(body, name)) is not None}
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What one API request asks the engine for, whichever endpoint it came through."""
+
+    prompts: list[list[int]]
+    n: int  # choices returned per prompt
+    candidates: int  # sequences generated per prompt: best_of, at least n
+    max_tokens: int
+    min_tokens: int
+    stop: list[str]
+    logprobs: int | None  # alternatives reported per token; None: no logprobs
+    echo: bool
+    sampling: dict[str, Any]  # SamplingParams fields, the seed aside
+    seed: int | None
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """Scoring: with echo and logprobs, the prompt's own tokens carry logprobs too."""
+        return self.logprobs if self.echo else None
+
+
+def generation_spec(
+    body: GenerationRequest,
+    prompts: list[list[int]],
+    settings: Settings,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None = None,
+    echo: bool = False,
+    best_of: int | None = None,
+    extra_stop: Sequence[str] = (),
+) -> GenerationSpec:
+    """Check a request's generation fields against each other and the server's limits -> its spec."""
+    n = 1 if body.n is None else body.n
+    if n > settings.max_n:
+        raise InvalidRequest(f"n must be at most {settings.max_n}", param="n")
+    candidates = n if best_of is None else best_of
+    if candidates < n:
+        raise InvalidRequest(f"best_of ({best_of}) must be at least n ({n})", param="best_of")
+    if candidates > settings.max_n:
+        raise InvalidRequest(f"best_of must be at most {settings.max_n}", param="best_of")
+    length = generation_length(max_tokens, settings)
+    min_tokens = body.min_tokens or 0
+    if min_tokens > length:
+        raise InvalidRequest(f"min_tokens ({min_tokens}) must not exceed max_tokens ({length})", param="min_tokens")
+    sampling = {name: value for name in SAMPLING_FIELDS if (value := getattr(body, name)) is not None}
     if body.top_k is not None:
-        given["top_k"] = max(0, body.top_k)  # -1 also turns it off
-    if body.logprobs is not None:
-        given["logprobs"] = body.logprobs
-    if body.seed is not None:
-        given["seed"] = (body.seed + choice) % 2**64
+        sampling["top_k"] = max(0, body.top_k)  # -1 also turns it off
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
+    if body.logit_bias:
+        if sum(bias == -100 for bias in body.logit_bias.values()) == VOCAB_SIZE:
+            raise InvalidRequest("logit_bias bans every token: nothing is left to sample", param="logit_bias")
+        sampling["logit_bias"] = tuple((int(token), bias) for token, bias in body.logit_bias.items())
+    spec = GenerationSpec(
+        prompts, n, candidates, length, min_tokens, [*body.stop, *extra_stop], logprobs, echo, sampling, body.seed
+    )
+    sampling_params(spec, 0)  # a parameter out of range is refused before anything is queued
+    return spec
+
+
+def sampling_params(spec: GenerationSpec, candidate: int) -> SamplingParams:
+    """Sampling parameters of one candidate: SamplingParams' defaults for what the request leaves out (or sends
+    as null); with a seed, candidate i uses seed + i (wrapped into the signed 64-bit range) so that they differ."""
+    given = dict(spec.sampling)
+    if spec.seed is not None:
+        given["seed"] = (spec.seed + candidate + 2**63) % 2**64 - 2**63
     params = SamplingParams(**given)
     try:
         params.validate()
@@ -55,9 +116,9 @@ def sampling_params(body: CompletionRequest, choice: int) -> SamplingParams:
     return params
 
 
-def generation_length(body: CompletionRequest, settings: Settings) -> int:
+def generation_length(max_tokens: int | None, settings: Settings) -> int:
     """max_tokens, within the server's limit (over it: 400, or the limit when the server clamps)."""
-    wanted = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    wanted = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     if wanted <= settings.max_tokens_limit:
         return wanted
     if settings.clamp_max_tokens:
@@ -66,7 +127,8 @@ def generation_length(body: CompletionRequest, settings: Settings) -> int:
 
 
 def check_context(prompts: list[list[int]], context_limit: int | None) -> None:
-    """Each prompt must leave room in the model's context for at least one generated token."""
+    """Each prompt must fit the model's context (the last token generated is never fed back, so a prompt that
+    fills the context still gets one token, and with max_tokens 0 none is wanted)."""
     for ids in prompts:
         fit = tokens_that_fit(len(ids), context_limit)
         if fit is not None and fit < 1:
@@ -91,20 +153,19 @@ def check_sequences(prompts: int, n: int, engine: Engine, settings: Settings) ->
 
 
 def engine_requests(
-    body: CompletionRequest, engine: Engine, settings: Settings, loop: asyncio.AbstractEventLoop
-) -> tuple[list[list[int]], list[EngineRequest]]:
-    """Validate the request against the model and the server's limits -> its prompts as token ids, and one
-    engine request per choice (prompt i, sample j has tag i * n + j), all sharing one event queue."""
-    if body.n > settings.max_n:
-        raise InvalidRequest(f"n must be at most {settings.max_n}", param="n")
-    max_tokens = generation_length(body, settings)
-    prompts = prompt_token_lists(body.prompt, settings)
-    check_context(prompts, engine.context_limit)
-    check_sequences(len(prompts), body.n, engine, settings)
+    spec: GenerationSpec, engine: Engine, settings: Settings, loop: asyncio.AbstractEventLoop
+) -> list[EngineRequest]:
+    """Check the spec against the model and the server's limits -> one engine request per candidate (prompt i,
+    candidate j has tag i * candidates + j), all sharing one event queue."""
+    check_context(spec.prompts, engine.context_limit)
+    check_sequences(len(spec.prompts), spec.candidates, engine, settings)
     events: asyncio.Queue = asyncio.Queue()
     requests = []
-    for prompt_index, ids in enumerate(prompts):
-        for sample in range(body.n):
-            index = prompt_index * body.n + sample
-            requests.append(EngineRequest(ids, sampling_params(body, index), max_tokens, loop, events, tag=index))
-    return prompts, requests
+    for prompt_index, ids in enumerate(spec.prompts):
+        for candidate in range(spec.candidates):
+            tag = prompt_index * spec.candidates + candidate
+            params = sampling_params(spec, candidate)
+            request = EngineRequest(ids, params, spec.max_tokens, loop, events, tag=tag)
+            request.prompt_logprobs = spec.prompt_logprobs
+            requests.append(request)
+    return requests

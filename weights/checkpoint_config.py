@@ -7,7 +7,12 @@ tokenizer that does not fit the model raise CheckpointError with a message namin
     {"format": "windowlm", "format_version": 1,
      "model": {"num_tokens": 256, "max_seq_len": 1024, "dim": 512, "depth": 6, ...},
      "tokenizer": "bytes",
-     "training": {"corpus": "...", "steps": 10000, ...}}
+     "training": {"corpus": "...", "steps": 10000, ...},
+     "chat_template": "{% for message in messages %}...",   (optional: Jinja2, see model/chat_template.py)
+     "chat_template_stop": ["\\n\\n"]}                        (optional, only beside chat_template)
+
+A checkpoint without chat_template is served with ChatTemplate.default(); one whose template does not compile
+is refused like any other bad value.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model import LocalTransformer
+from model.chat_template import ChatTemplate, ChatTemplateError
 from model.tokenizer import VOCAB_SIZE
 
 FORMAT = "windowlm"
 FORMAT_VERSION = 1
 TOKENIZER_VOCAB_SIZES = {"bytes": VOCAB_SIZE}  # tokenizer name -> the num_tokens it needs
-DOCUMENT_KEYS = {"format", "format_version", "model", "tokenizer", "training"}
+DOCUMENT_KEYS = {"format", "format_version", "model", "tokenizer", "training", "chat_template", "chat_template_stop"}
 
 
 class CheckpointError(ValueError):
@@ -128,11 +134,13 @@ def _checked(name: str, value: Any, hint: Any) -> Any:
 
 @dataclass
 class Checkpoint:
-    """What config.json says: the model, the tokenizer it was trained with, and free-form provenance."""
+    """What config.json says: the model, the tokenizer it was trained with, free-form provenance, and the chat
+    template the model was trained for (None: it has none, and is served with the default)."""
 
     config: ModelConfig
     tokenizer: str = "bytes"
     training: dict[str, Any] = field(default_factory=dict)
+    chat_template: ChatTemplate | None = None
 
     def __post_init__(self) -> None:
         if self.tokenizer not in TOKENIZER_VOCAB_SIZES:
@@ -145,15 +153,22 @@ class Checkpoint:
             )
         if not isinstance(self.training, dict):
             raise CheckpointError(f"training must be a JSON object, got {type(self.training).__name__}")
+        if self.chat_template is not None and not isinstance(self.chat_template, ChatTemplate):
+            raise CheckpointError(f"chat_template must be a ChatTemplate, got {type(self.chat_template).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "model": self.config.to_dict(),
             "tokenizer": self.tokenizer,
             "training": self.training,
         }
+        if self.chat_template is not None:
+            document["chat_template"] = self.chat_template.source
+            if self.chat_template.stop:
+                document["chat_template_stop"] = list(self.chat_template.stop)
+        return document
 
 
 def decode_config_json(text: str) -> Any:
@@ -194,4 +209,22 @@ def checkpoint_from_document(document: Any) -> Checkpoint:
         config=ModelConfig.from_dict(document["model"]),
         tokenizer=document["tokenizer"],
         training=document.get("training", {}),
+        chat_template=_chat_template(document),
     )
+
+
+def _chat_template(document: dict[str, Any]) -> ChatTemplate | None:
+    """The checkpoint's chat template (compiled, so a broken one is refused at load), or None."""
+    source, stop = document.get("chat_template"), document.get("chat_template_stop", [])
+    if source is None:
+        if "chat_template_stop" in document:
+            raise CheckpointError("chat_template_stop is given without chat_template")
+        return None
+    if not isinstance(source, str):
+        raise CheckpointError(f"chat_template must be a string (Jinja2 text), got {type(source).__name__}")
+    if not isinstance(stop, list) or not all(isinstance(text, str) and text for text in stop):
+        raise CheckpointError(f"chat_template_stop must be a list of non-empty strings, got {stop!r}")
+    try:
+        return ChatTemplate(source, tuple(stop), "checkpoint")
+    except ChatTemplateError as error:
+        raise CheckpointError(f"chat_template: {error}") from None

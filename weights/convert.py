@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from model.chat_template import ChatTemplate
 from weights.checkpoint_config import CheckpointError, ModelConfig
 from weights.checkpoint_tensors import listed, tensor_problems
-from weights.io import save_checkpoint
+from weights.io import add_chat_template_arguments, chat_template_from_args, save_checkpoint
 
 __all__ = [
     "ConvertError",
@@ -124,8 +125,10 @@ def convert_local_attention(
     out: str | os.PathLike[str],
     *,
     source: str | None = None,
+    chat_template: ChatTemplate | None = None,
 ) -> Path:
-    """Write the local-attention model (`state_dict`, built with `kwargs`) as a windowlm checkpoint in `out`."""
+    """Write the local-attention model (`state_dict`, built with `kwargs`) as a windowlm checkpoint in `out`,
+    with `chat_template` in its config.json when given."""
     config = model_config(kwargs)
     try:
         model = config.build()
@@ -138,7 +141,7 @@ def convert_local_attention(
     training = {"converted_from": "local-attention"}
     if source is not None:
         training["source"] = source
-    return save_checkpoint(model.eval(), out, config=config, training=training)
+    return save_checkpoint(model.eval(), out, config=config, training=training, chat_template=chat_template)
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,15 +156,17 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", required=True, metavar="ARGS.json", help="the keyword arguments the model was built with"
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
+    add_chat_template_arguments(parser)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     """`windowlm convert`; returns the exit code (2 with a message on stderr when it refuses)."""
     source = args.from_local_attention
     try:
+        chat_template = chat_template_from_args(args)
         arguments = read_arguments(args.config)
         state_dict = read_state_dict(source)
-        out = convert_local_attention(state_dict, arguments, args.out, source=str(source))
+        out = convert_local_attention(state_dict, arguments, args.out, source=str(source), chat_template=chat_template)
     except (ConvertError, CheckpointError) as error:
         print(f"windowlm convert: {error}", file=sys.stderr)
         return 2

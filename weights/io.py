@@ -5,11 +5,14 @@ strictly (weights/checkpoint_tensors.py). Tensors are read only with safetensors
 checkpoint that fails any check raises CheckpointError before a single tensor reaches the model, so no
 half-loaded model escapes. Writing renames each finished file into place, so a reader never sees a torn one.
 
-CheckpointError, Checkpoint and ModelConfig are importable from here too: they are this module's interface.
+CheckpointError, Checkpoint and ModelConfig are importable from here too: they are this module's interface. So is
+the checkpoint's chat template (chat_template_of), and the `--chat-template` flags with which `windowlm train`
+and `windowlm convert` store one in the config.json they write.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -23,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from model import LocalTransformer
+from model.chat_template import ChatTemplate, ChatTemplateError
 from weights.checkpoint_config import (
     Checkpoint,
     CheckpointError,
@@ -38,6 +42,9 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "ModelConfig",
+    "add_chat_template_arguments",
+    "chat_template_from_args",
+    "chat_template_of",
     "load_checkpoint",
     "read_config",
     "save_checkpoint",
@@ -56,16 +63,17 @@ def save_checkpoint(
     *,
     config: ModelConfig,
     training: dict[str, Any] | None = None,
+    chat_template: ChatTemplate | None = None,
 ) -> Path:
     """Write `model` as a checkpoint in `directory` (created if needed) and return the directory.
 
     `config` must be the one the model was built from: the model's tensors are checked against a model
     built from it (on the meta device, so no memory is spent), so what is saved always loads. Each file
     is written under a temporary name and renamed into place, weights first, so a reader never sees a
-    torn file.
+    torn file. `chat_template` (its source and stop strings) is stored in config.json when given.
     """
     directory = Path(directory)
-    checkpoint = Checkpoint(config=config, training={} if training is None else training)
+    checkpoint = Checkpoint(config=config, training={} if training is None else training, chat_template=chat_template)
     try:
         document = json.dumps(checkpoint.to_dict(), indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as error:
@@ -172,3 +180,42 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
         if start.startswith(_PICKLE_MAGIC):
             hint = " (it looks like a torch.save / pickle file, which windowlm never loads)"
         raise CheckpointError(f"{path}: not a readable safetensors file{hint}: {error}") from error
+
+
+def chat_template_of(checkpoint_or_folder: Checkpoint | str | os.PathLike[str]) -> ChatTemplate:
+    """The chat template of a checkpoint (read from its folder's config.json when given a folder): its own,
+    with origin "checkpoint", else ChatTemplate.default(). A folder whose template does not compile raises
+    CheckpointError naming its config.json."""
+    checkpoint = checkpoint_or_folder
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = read_config(checkpoint)
+    return checkpoint.chat_template or ChatTemplate.default()
+
+
+def add_chat_template_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--chat-template FILE` and `--chat-template-stop TEXT` of `windowlm train` and `windowlm convert`."""
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja2 chat template to store in config.json (default: none; served with windowlm's default)",
+    )
+    parser.add_argument(
+        "--chat-template-stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a stop string that ends the model's turn under --chat-template (repeatable; taken literally)",
+    )
+
+
+def chat_template_from_args(args: argparse.Namespace) -> ChatTemplate | None:
+    """The template --chat-template names, with its --chat-template-stop strings; None when not given.
+    Raises CheckpointError with a one-line message naming the file when it cannot be read or compiled."""
+    if args.chat_template is None:
+        if args.chat_template_stop:
+            raise CheckpointError("--chat-template-stop needs --chat-template")
+        return None
+    try:
+        return ChatTemplate.from_file(args.chat_template, args.chat_template_stop, "checkpoint")
+    except ChatTemplateError as error:
+        raise CheckpointError(f"--chat-template: {error}") from None

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from model import LocalTransformer
+from model.chat_template import ChatTemplate
 from weights.byte_inputs import autocast, bytes_tensor
 from weights.checkpoint_config import CheckpointError
 from weights.data import Corpus, DataError, combine, file_corpus, shakespeare_corpus
@@ -38,6 +39,7 @@ from weights.train_settings import (
     TrainError,
     TrainSettings,
     add_train_arguments,
+    resolve_chat_template,
     resolve_options,
     resolve_settings,
 )
@@ -77,6 +79,7 @@ class Trainer:
         out: str | os.PathLike[str],
         options: RunOptions | None = None,
         state: TrainState | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         options = RunOptions() if options is None else options
         settings.validate()
@@ -85,6 +88,7 @@ class Trainer:
             if len(text) < settings.seq_len + 1:
                 raise TrainError(f"the {side} text has {len(text)} bytes, fewer than --seq-len + 1")
         self.settings, self.corpus, self.options, self.out = settings, corpus, options, Path(out)
+        self.chat_template = chat_template  # stored in the checkpoint's config.json
         torch.manual_seed(settings.seed)
         self.config = settings.model_config()
         self.model: LocalTransformer = self.config.build().train()
@@ -237,7 +241,9 @@ class Trainer:
 
     def save(self) -> None:
         """Write the checkpoint and the resumable state into --out."""
-        save_checkpoint(self.model, self.out, config=self.config, training=self.record())
+        save_checkpoint(
+            self.model, self.out, config=self.config, training=self.record(), chat_template=self.chat_template
+        )
         rng = {"crops": self.crop_rng.get_state(), "torch": torch.get_rng_state()}
         record = {
             "settings": dataclasses.asdict(self.settings),
@@ -281,8 +287,9 @@ def run_train(args: argparse.Namespace) -> int:
         options = resolve_options(args, None if recorded is None else recorded["options"])
         if args.stop_after is not None and args.stop_after < 1:
             raise TrainError("--stop-after must be at least 1")
+        chat_template = resolve_chat_template(args, out if state is not None else None)
         torch.set_num_threads(options.threads)
-        trainer = Trainer(settings, corpus, out, options, state)
+        trainer = Trainer(settings, corpus, out, options, state, chat_template)
     except (DataError, TrainError, TrainStateError, CheckpointError) as error:
         print(f"windowlm train: {error}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 TrainSettings decide the weights a run produces: a resumed run keeps every one, and giving a different value
 is an error. RunOptions decide what a run reports and on how many threads: a resumed run keeps the recorded
 values unless new ones are given. Both kinds of argument default to None so a resumed run can tell which were
-given; a new run fills in the dataclass defaults.
+given; a new run fills in the dataclass defaults. The chat template (--chat-template) is stored in the
+checkpoint and changes no weight: a resumed run keeps the one its checkpoint holds unless a new one is given.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
+from model.chat_template import ChatTemplate
 from model.tokenizer import VOCAB_SIZE
 from weights.checkpoint_config import ModelConfig
+from weights.io import add_chat_template_arguments, chat_template_from_args, read_config
 
 
 class TrainError(ValueError):
@@ -125,6 +129,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--stop-after", type=int, metavar="N", help="stop after N steps of this invocation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_chat_template_arguments(parser.add_argument_group("chat template (stored in config.json)"))
     _add_fields(parser.add_argument_group("model and optimisation (fixed for a run)"), TrainSettings)
     _add_fields(parser.add_argument_group("reporting (a resumed run keeps its values unless given)"), RunOptions)
 
@@ -165,6 +170,15 @@ def resolve_options(args: argparse.Namespace, recorded: dict[str, Any] | None) -
     options = RunOptions(**values)
     options.validate()
     return options
+
+
+def resolve_chat_template(args: argparse.Namespace, resumed: str | os.PathLike[str] | None) -> ChatTemplate | None:
+    """The --chat-template given, else that of the checkpoint in `resumed` (the folder of the run being
+    resumed), else None. Raises CheckpointError naming the file that cannot be read or compiled."""
+    given = chat_template_from_args(args)
+    if given is not None or resumed is None:
+        return given
+    return read_config(resumed).chat_template
 
 
 def _flag(name: str) -> str:

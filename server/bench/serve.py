@@ -82,21 +82,23 @@ def start_server(
     raise RuntimeError("the server did not become ready")
 
 
-async def one_stream(port: int, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """One streaming completion over a bare HTTP/1.1 connection: the client does as little work as it can (it
+def completion_body(prompt: str, max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": MODEL_ID,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def one_stream(port: int, request: dict[str, Any], path: str = "/v1/completions") -> dict[str, Any]:
+    """One streaming request over a bare HTTP/1.1 connection: the client does as little work as it can (it
     shares the machine's cores with the server), noting when data events arrive and parsing only the usage."""
-    body = json.dumps(
-        {
-            "model": MODEL_ID,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+    body = json.dumps(request).encode()
     head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode()
     started = time.perf_counter()
@@ -121,7 +123,7 @@ async def one_stream(port: int, prompt: str, max_tokens: int) -> dict[str, Any]:
 async def one_round(port: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
     started = time.perf_counter()
     prompts = [f"Client {i} asks for a long answer: " for i in range(concurrency)]
-    results = await asyncio.gather(*(one_stream(port, p, max_tokens) for p in prompts))
+    results = await asyncio.gather(*(one_stream(port, completion_body(p, max_tokens)) for p in prompts))
     wall = time.perf_counter() - started
     tokens = sum(r["tokens"] for r in results)
     itl = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]

@@ -20,6 +20,7 @@ def model_card(state: StateDep, engine: EngineDep) -> ModelCard:
         max_model_len=engine.context_limit,
         window_size=planner.window_size,
         look_backward=planner.look_backward,
+        chat_template=state.chat_template.origin,
     )
 
 

@@ -84,12 +84,13 @@ def test_concurrent_greedy_streams_equal_their_text_alone(server: ServerProcess)
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda p: stream_text(server, p, max_tokens=40, temperature=0), prompts))
     assert together == alone
-    batches_before = server.metric("windowlm_batch_size_count")
-    over_8_before = batches_before - server.metric("windowlm_batch_size_bucket", le="8.0")
+    batches_before = server.metric("windowlm_batch_size_sequences_count")
+    over_8_before = batches_before - server.metric("windowlm_batch_size_sequences_bucket", le="8.0")
     # one request of 16 prompts: its sequences are queued together, so the steps surely batch more than 8
     completion = client(server).completions.create(model=TEST_MODEL, prompt=prompts, max_tokens=40, temperature=0)
     assert [choice.text for choice in completion.choices] == alone
-    over_8 = server.metric("windowlm_batch_size_count") - server.metric("windowlm_batch_size_bucket", le="8.0")
+    batches = server.metric("windowlm_batch_size_sequences_count")
+    over_8 = batches - server.metric("windowlm_batch_size_sequences_bucket", le="8.0")
     assert over_8 > over_8_before
 
 
@@ -109,9 +110,9 @@ def test_n_choices_and_echo(server: ServerProcess) -> None:
     )
     assert [choice.index for choice in completion.choices] == [0, 1, 2, 3]
     assert completion.choices[0].text.startswith("ab") and completion.choices[2].text.startswith("cd")
-    logprobs = completion.choices[1].logprobs
-    assert len(logprobs.tokens) == 5 and len(logprobs.token_logprobs) == 5
-    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    logprobs = completion.choices[1].logprobs  # the echoed prompt's 2 tokens are scored too, the first with null
+    assert len(logprobs.tokens) == 7 and len(logprobs.token_logprobs) == 7 and logprobs.token_logprobs[0] is None
+    assert logprobs.top_logprobs[0] is None and all(2 <= len(top) <= 3 for top in logprobs.top_logprobs[1:])
     assert completion.usage.prompt_tokens == 4 and completion.usage.completion_tokens == 20
 
 
@@ -147,14 +148,19 @@ def test_models_endpoint(server: ServerProcess) -> None:
         ({"temperature": -1}, "temperature"),
         ({"temperature": "hot"}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"seed": 2**63}, "seed"),
+        ({"suffix": "and then"}, "suffix"),
+        ({"n": 2, "best_of": 1}, "best_of"),
+        ({"logit_bias": {"300": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": 100.5}}, "logit_bias"),
+        ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"),
         ({"n": 50}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"logprobs": 30}, "logprobs"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [1, 300]}, "prompt"),
         ({"presence_penalty": 3}, "presence_penalty"),
-        ({"unknown_option": True}, "unknown_option"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )

@@ -11,9 +11,10 @@ import local_attention
 import pytest
 import torch
 
+from model.chat_template import ChatTemplate
 from tests.model.helpers import randomize_
 from weights.convert import add_convert_arguments, convert_local_attention, run_convert
-from weights.io import load_checkpoint, read_config
+from weights.io import chat_template_of, load_checkpoint, read_config
 
 TINY = {"num_tokens": 256, "max_seq_len": 48, "dim": 16, "depth": 2, "local_attn_window_size": 8, "dim_head": 8}
 CONFIGS = {
@@ -44,10 +45,10 @@ def save_reference(folder: Path, kwargs: dict, seed: int = 0) -> tuple[torch.nn.
     return reference, checkpoint, arguments
 
 
-def convert(checkpoint: Path, arguments: Path, out: Path) -> int:
+def convert(checkpoint: Path, arguments: Path, out: Path, *extra: str) -> int:
     parser = argparse.ArgumentParser()
     add_convert_arguments(parser)
-    args = ["--from-local-attention", str(checkpoint), "--config", str(arguments), "--out", str(out)]
+    args = ["--from-local-attention", str(checkpoint), "--config", str(arguments), "--out", str(out), *extra]
     return run_convert(parser.parse_args(args))
 
 
@@ -170,3 +171,45 @@ def test_a_whole_pickled_model_is_refused_by_name(tmp_path: Path, capsys: pytest
     error = refusal(tmp_path, capsys, checkpoint, arguments)
     assert "holds a pickled local_attention.transformer.LocalTransformer" in error
     assert "save model.state_dict() instead" in error
+
+
+CHAT = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}<|assistant|>"
+
+
+def test_convert_stores_the_chat_template_and_its_stops(tmp_path: Path) -> None:
+    _, checkpoint, arguments = save_reference(tmp_path, {**TINY, "heads": 2})
+    (tmp_path / "chat.jinja").write_text(CHAT, encoding="utf-8")
+    stops = ["--chat-template-stop", "<|end|>", "--chat-template-stop", "\n\n"]
+    assert (
+        convert(checkpoint, arguments, tmp_path / "out", "--chat-template", str(tmp_path / "chat.jinja"), *stops) == 0
+    )
+    document = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert document["chat_template"] == CHAT and document["chat_template_stop"] == ["<|end|>", "\n\n"]
+    assert chat_template_of(tmp_path / "out") == ChatTemplate(CHAT, ("<|end|>", "\n\n"), "checkpoint")
+
+    assert convert(checkpoint, arguments, tmp_path / "plain") == 0
+    assert chat_template_of(tmp_path / "plain") == ChatTemplate.default()
+
+
+def test_the_plain_function_takes_a_chat_template(tmp_path: Path) -> None:
+    kwargs = {**TINY, "heads": 2}
+    chat = ChatTemplate(CHAT, (), "setting")
+    out = convert_local_attention(reference_model(**kwargs).state_dict(), kwargs, tmp_path / "out", chat_template=chat)
+    assert read_config(out).chat_template == ChatTemplate(CHAT, (), "checkpoint")
+
+
+def test_a_chat_template_that_cannot_be_used_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, checkpoint, arguments = save_reference(tmp_path, {**TINY, "heads": 2})
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}", encoding="utf-8")
+    for extra, message in [
+        (["--chat-template", str(broken)], f"--chat-template: chat template file {broken}: the chat template does not"),
+        (["--chat-template", str(tmp_path / "nowhere.jinja")], "nowhere.jinja: cannot be read: No such file"),
+        (["--chat-template-stop", "<|end|>"], "--chat-template-stop needs --chat-template"),
+    ]:
+        assert convert(checkpoint, arguments, tmp_path / "out", *extra) == 2
+        assert not (tmp_path / "out").exists()
+        error = capsys.readouterr().err
+        assert error.startswith("windowlm convert: ") and message in error and error.count("\n") == 1

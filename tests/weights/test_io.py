@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from model import LocalTransformer
 from model.attention import LocalAttention
+from model.chat_template import ChatTemplate
 from model.transformer import LocalMHA
 from weights.io import (
     CONFIG_FILE,
@@ -22,6 +23,7 @@ from weights.io import (
     Checkpoint,
     CheckpointError,
     ModelConfig,
+    chat_template_of,
     load_checkpoint,
     read_config,
     save_checkpoint,
@@ -206,6 +208,26 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
         edit_config(lambda c: c["model"].update({"use_dynamic_pos_bias": True, "look_backward": 2})),
         "the model config cannot be built: dynamic position bias",
     ),
+    "uncompilable_chat_template": (
+        edit_config(lambda c: c.update({"chat_template": "{% for m in messages %}\n{{ m.content }"})),
+        r"config\.json: chat_template: the chat template does not compile: line 2: ",
+    ),
+    "chat_template_not_text": (
+        edit_config(lambda c: c.update({"chat_template": ["x"]})),
+        r"config\.json: chat_template must be a string \(Jinja2 text\), got list",
+    ),
+    "chat_template_stop_not_a_list": (
+        edit_config(lambda c: c.update({"chat_template": "x", "chat_template_stop": "\n"})),
+        "chat_template_stop must be a list of non-empty strings",
+    ),
+    "empty_chat_template_stop": (
+        edit_config(lambda c: c.update({"chat_template": "x", "chat_template_stop": [""]})),
+        "chat_template_stop must be a list of non-empty strings",
+    ),
+    "chat_template_stop_alone": (
+        edit_config(lambda c: c.update({"chat_template_stop": ["\n"]})),
+        "chat_template_stop is given without chat_template",
+    ),
 }
 
 
@@ -246,3 +268,32 @@ def test_config_from_dict_round_trips_and_widens_ints_to_floats() -> None:
         ModelConfig.from_dict({**TINY, "heads": 0})
     with pytest.raises(CheckpointError, match="must be a JSON object"):
         ModelConfig.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_a_chat_template_is_stored_in_config_json_and_read_back(tmp_path: Path) -> None:
+    model, config = tiny_model(**CONFIGS["rotary"])
+    chat = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}", ("</s>", "\n\n"), "setting")
+    folder = save_checkpoint(model, tmp_path / "ckpt", config=config, chat_template=chat)
+
+    document = json.loads((folder / CONFIG_FILE).read_text())
+    assert document["chat_template"] == chat.source and document["chat_template_stop"] == ["</s>", "\n\n"]
+    _, checkpoint = load_checkpoint(folder)
+    expected = ChatTemplate(chat.source, chat.stop, "checkpoint")
+    assert checkpoint.chat_template == expected
+    assert chat_template_of(folder) == expected and chat_template_of(checkpoint) == expected
+    assert chat_template_of(folder).render([{"role": "user", "content": "hi"}]) == "<user>hi"
+
+
+def test_a_checkpoint_without_a_chat_template_gets_the_default(saved: Path) -> None:
+    document = json.loads((saved / CONFIG_FILE).read_text())
+    assert "chat_template" not in document and "chat_template_stop" not in document
+    assert read_config(saved).chat_template is None
+    assert chat_template_of(saved) == ChatTemplate.default()
+
+
+def test_a_chat_template_without_stops_writes_none(tmp_path: Path) -> None:
+    model, config = tiny_model(**CONFIGS["rotary"])
+    folder = save_checkpoint(model, tmp_path / "ckpt", config=config, chat_template=ChatTemplate("x", (), "setting"))
+    document = json.loads((folder / CONFIG_FILE).read_text())
+    assert document["chat_template"] == "x" and "chat_template_stop" not in document
+    assert chat_template_of(folder).stop == ()

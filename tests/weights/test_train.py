@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.chat_template import ChatTemplate
 from weights.data import file_corpus, shakespeare_corpus
 from weights.evaluate import evaluate_bits_per_byte, fixed_windows, windows_bits_per_byte
-from weights.io import load_checkpoint, read_config
+from weights.io import chat_template_of, load_checkpoint, read_config
 from weights.model_card import render_model_card
 from weights.train import TrainSettings, add_train_arguments, run_train
 
@@ -40,10 +41,11 @@ def keep_thread_count():
     torch.set_num_threads(threads)
 
 
-def train(*argv: str) -> int:
+def train(*argv: str, literal: tuple[str, ...] = ()) -> int:
+    """`windowlm train` with the words of `argv`, then the arguments `literal` as they are."""
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    return run_train(parser.parse_args(" ".join(argv).split()))
+    return run_train(parser.parse_args([*" ".join(argv).split(), *literal]))
 
 
 def test_training_lowers_the_held_out_loss_and_records_it(text_file: Path, tmp_path: Path) -> None:
@@ -122,6 +124,34 @@ def test_bad_data_and_settings_are_refused(text_file: Path, tmp_path: Path, caps
     assert "fewer than --seq-len + 1" in capsys.readouterr().err
     assert train(f"--data {text_file} --out {tmp_path / 'a'} --depth 0", QUIET) == 2
     assert "--depth must be at least 1" in capsys.readouterr().err
+
+
+def test_train_stores_the_chat_template_and_a_resumed_run_keeps_or_replaces_it(
+    text_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "first.jinja", tmp_path / "second.jinja"
+    first.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}", encoding="utf-8")
+    second.write_text("{{ messages | length }}", encoding="utf-8")
+    out = tmp_path / "run"
+    run = f"--data {text_file} --out {out} --steps 6 --eval-every 2"
+    chat = ("--chat-template", str(first), "--chat-template-stop", "\nuser: ", "--chat-template-stop", "END")
+    assert train(run, "--stop-after 2", TINY_MODEL, QUIET, literal=chat) == 0
+    expected = ChatTemplate(first.read_text(), ("\nuser: ", "END"), "checkpoint")
+    assert chat_template_of(out) == expected
+
+    assert train(run, "--resume --stop-after 2", QUIET) == 0  # not given again: kept
+    assert read_config(out).training["steps"] == 4 and chat_template_of(out) == expected
+    assert train(run, "--resume", QUIET, literal=("--chat-template", str(second))) == 0
+    assert chat_template_of(out) == ChatTemplate("{{ messages | length }}", (), "checkpoint")
+
+    second.write_text("{{ messages | length }", encoding="utf-8")
+    capsys.readouterr()
+    assert train(f"--data {text_file} --out {tmp_path / 'bad'} --chat-template {second}", QUIET) == 2
+    error = capsys.readouterr().err
+    assert f"windowlm train: --chat-template: chat template file {second}: the chat template does not" in error
+    assert not (tmp_path / "bad").exists()
+    assert train(f"--data {text_file} --out {tmp_path / 'bad'} --chat-template-stop END", QUIET) == 2
+    assert "--chat-template-stop needs --chat-template" in capsys.readouterr().err
 
 
 def test_the_learning_rate_warms_up_then_decays_to_its_floor() -> None:
