@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -94,11 +95,16 @@ def is_model(kind: object) -> bool:
     return isinstance(kind, type) and issubclass(kind, BaseModel)
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\[\]-]{1,64}")
+
+
 def header_names(names: list[str]) -> str:
-    """Unknown field names as a header value: printable ASCII only, each cut short, at most MAX_NAMED_FIELDS."""
-    safe = [name.encode("ascii", "replace").decode()[:64] for name in names[:MAX_NAMED_FIELDS]]
-    shown = ", ".join("".join(c if c.isprintable() else "?" for c in name) for name in safe)
-    return shown + (f", and {len(names) - MAX_NAMED_FIELDS} more" if len(names) > MAX_NAMED_FIELDS else "")
+    """Unknown field names as a header value, at most MAX_NAMED_FIELDS: a plain name as it is, any other
+    (empty, spaces, control or non-ASCII characters, long) as a JSON string in ASCII, cut short; a header
+    value may not hold control characters nor start or end with a space."""
+    shown = [name if PLAIN_NAME.fullmatch(name) else json.dumps(name[:64]) for name in names[:MAX_NAMED_FIELDS]]
+    more = len(names) - MAX_NAMED_FIELDS
+    return ", ".join(shown) + (f", and {more} more" if more > 0 else "")
 
 
 def check_unknown_fields(request: Request, data: dict[str, Any], model: type[BaseModel]) -> None:

@@ -134,6 +134,11 @@ def test_unknown_fields_are_ignored_named_and_counted(server: ServerProcess) -> 
     assert after == before + 1
     plain = httpx.post(f"{server.url}/v1/completions", json={"model": TEST_MODEL, "prompt": "abc", "max_tokens": 3})
     assert "x-windowlm-ignored-fields" not in plain.headers
+    odd = {" x ": 2, "é\n": 3, "y" * 100: 4, "": 1}  # names a header cannot hold as they are
+    response = httpx.post(f"{server.url}/detokenize", json={"tokens": [104, 105], **odd})
+    assert response.status_code == 200 and response.json() == {"prompt": "hi"}
+    named = '" x ", "\\u00e9\\n", ' + json.dumps("y" * 64) + ', ""'
+    assert response.headers["x-windowlm-ignored-fields"] == named
 
 
 def test_known_fields_keep_their_types(server: ServerProcess) -> None:
