@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 
+from server.config import BUNDLED_WEIGHTS
 from weights.io import ModelConfig, save_checkpoint
 
 TEST_MODEL = "tiny"
@@ -117,5 +118,13 @@ def absolute_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(relative_checkpoint: Path) -> Iterator[ServerProcess]:
     process = ServerProcess(relative_checkpoint, "--max-batch-size", "16", "--max-queue", "32", "--max-n", "4")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def bundled() -> Iterator[ServerProcess]:
+    """The bundled model (weights/default), served as `windowlm serve` serves it by default."""
+    process = ServerProcess(BUNDLED_WEIGHTS)
     yield process
     process.stop()

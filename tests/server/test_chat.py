@@ -4,7 +4,6 @@ template, streaming, n, logprobs in the chat shape, seeds, refusals, and the bun
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -12,7 +11,6 @@ import openai
 import pytest
 
 from model.chat_template import ChatTemplate
-from server.config import BUNDLED_WEIGHTS
 from tests.server.conftest import TEST_MODEL, ServerProcess
 
 CONVERSATION = [
@@ -195,13 +193,6 @@ def test_list_content_and_names_render_like_plain_text(server: ServerProcess) ->
 
 def test_the_models_endpoint_says_which_chat_template_is_used(server: ServerProcess) -> None:
     assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["chat_template"] == "default"
-
-
-@pytest.fixture(scope="module")
-def bundled() -> Iterator[ServerProcess]:
-    process = ServerProcess(BUNDLED_WEIGHTS)
-    yield process
-    process.stop()
 
 
 def test_the_bundled_model_answers_in_character_and_stops_at_the_next_speaker(bundled: ServerProcess) -> None:

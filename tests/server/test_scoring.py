@@ -5,7 +5,6 @@ byte it gives for a text are those `weights` evaluation computes for the same by
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import openai
 import pytest
@@ -29,13 +28,6 @@ Then bring me word when any sail is seen,
 And let no man go sleeping till it come.
 
 """
-
-
-@pytest.fixture(scope="module")
-def bundled() -> Iterator[ServerProcess]:
-    process = ServerProcess(BUNDLED_WEIGHTS)
-    yield process
-    process.stop()
 
 
 def test_scored_prompt_gives_the_bits_per_byte_of_weights_evaluation(bundled: ServerProcess) -> None:
