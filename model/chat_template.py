@@ -4,13 +4,16 @@ A template is Jinja2 text, as checkpoints in other ecosystems ship theirs, rende
 templates expect, so an existing one works unchanged: `messages` (dicts with `role`, `content` as a string and
 `name` when given), `add_generation_prompt`, `bos_token` and `eos_token` (empty: a byte model has neither),
 `raise_exception(message)` to refuse a conversation, `strftime_now(format)`, the `tojson` filter, and
-`{% break %}` / `{% continue %}`. Templates come with checkpoints or settings, so they are not trusted code:
-they run in Jinja2's immutable sandbox (no attribute starting with `_`, no mutation of the values passed in),
-and any failure while compiling or rendering one is a ChatTemplateError, never anything else.
+`{% break %}` / `{% continue %}`. Templates come with checkpoints or settings, so they run in Jinja2's
+immutable sandbox: no attribute starting with `_`, no mutation of the values passed in, no reaching Python
+objects beyond them; any failure while compiling or rendering one is a ChatTemplateError, never anything else.
 
-Cost: Jinja2 has no `while`, the sandbox caps `range` at 100,000 items, and here repetition (`'x' * n`) and
-powers are capped too, so no template can exhaust memory in one expression; its loops run over what it is
-given, a conversation the server has already limited in size.
+Cost: the sandbox keeps a template from escaping, not from spending. Jinja2 has no `while` and caps `range` at
+100,000 items, and here repetition (`'x' * n`) and powers are capped too, so the plain ways a template could
+blow up are closed; but filters such as `replace`, `center` and `format`, or nested loops, can still build large
+strings or run long if a template is written to. A template is therefore trusted like the weights it comes with
+(and a setting's like the rest of the server's configuration): an ordinary template renders a conversation, which
+the server has already limited in size, in time proportional to it.
 """
 
 from __future__ import annotations

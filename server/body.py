@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from server.errors import InvalidRequest
 from server.gate import endpoint_label
 
-MAX_FRACTIONAL_NUMBERS = 256
+MAX_FRACTIONAL_NUMBERS = 320  # a full logit_bias of fractional values (256) and the sampling parameters
 
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -84,27 +84,36 @@ def unknown_fields(data: dict[str, Any], model: type[BaseModel], prefix: str = "
         field = model.model_fields.get(key)
         if field is None:
             found.append(prefix + key)
-        elif isinstance(value, dict):
-            nested = next((kind for kind in typing.get_args(field.annotation) if is_model(kind)), field.annotation)
-            if is_model(nested):
-                found += unknown_fields(value, nested, f"{prefix}{key}.")
+        elif isinstance(value, dict) and (nested := nested_model(field.annotation)) is not None:
+            found += unknown_fields(value, nested, f"{prefix}{key}.")
+        elif isinstance(value, list) and (nested := nested_model(field.annotation)) is not None:
+            for number, item in enumerate(value):
+                if isinstance(item, dict):
+                    found += unknown_fields(item, nested, f"{prefix}{key}[{number}].")
     return found
 
 
-def is_model(kind: object) -> bool:
-    return isinstance(kind, type) and issubclass(kind, BaseModel)
+def nested_model(annotation: object) -> type[BaseModel] | None:
+    """The model a field holds, alone or in a list, through unions and Annotated (`list[ChatMessage]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((kind for arg in typing.get_args(annotation) if (kind := nested_model(arg)) is not None), None)
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\[\]-]{1,64}")
+
+
+def quoted(name: str) -> str:
+    return json.dumps(name[:64])[:80].rstrip()
 
 
 def header_names(names: list[str]) -> str:
     """Unknown field names as a header value, at most MAX_NAMED_FIELDS: a plain name as it is, any other
     (empty, spaces, control or non-ASCII characters, long) as a JSON string in ASCII, cut short; a header
     value may not hold control characters nor start or end with a space."""
-    shown = [name if PLAIN_NAME.fullmatch(name) else json.dumps(name[:64]) for name in names[:MAX_NAMED_FIELDS]]
+    shown = [name if PLAIN_NAME.fullmatch(name) else quoted(name) for name in names[:MAX_NAMED_FIELDS]]
     more = len(names) - MAX_NAMED_FIELDS
-    return ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+    return ", ".join(shown) + (f", and {more} more" if more > 0 else "")  # at most about 1.3 kB
 
 
 def check_unknown_fields(request: Request, data: dict[str, Any], model: type[BaseModel]) -> None:

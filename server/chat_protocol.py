@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from server.config import Settings
 from server.protocol import STRICT, GenerationRequest, Text, Usage, check_prompt_tokens, integer
 
+MAX_MESSAGES = 4096  # a conversation's messages: each costs validation and rendering before its length is known
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
@@ -38,7 +39,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationRequest):
     """POST /v1/chat/completions."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=65536)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: integer(ge=1) | None = Field(None, description="the older name of max_completion_tokens")
     max_completion_tokens: integer(ge=1) | None = None
     logprobs: bool | None = False
@@ -66,17 +67,18 @@ class ChatCompletionRequest(GenerationRequest):
     @classmethod
     def check_sizes(cls, data: dict[str, Any], settings: Settings) -> None:
         """Refuse conversations longer than the prompt limit from their text lengths alone (a lower bound of
-        their tokens), before the messages are validated."""
+        their tokens, counting at least one per message), before the messages are validated."""
         messages = data.get("messages")
-        if not isinstance(messages, list):
-            return
-        length = 0
+        if not isinstance(messages, list) or len(messages) > MAX_MESSAGES:
+            return  # validation refuses it, after one length check
+        length = len(messages)
         for message in messages:
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, str):
                 length += len(content)
             elif isinstance(content, list):
-                length += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+                texts = (part.get("text") for part in content if isinstance(part, dict))
+                length += sum(len(text) for text in texts if isinstance(text, str))
         check_prompt_tokens(length, settings, "messages")
 
     def refusal(self) -> tuple[str, str] | None:

@@ -18,7 +18,10 @@ LOWEST_LOGPROB = -9999.0  # JSON has no -Infinity: a token of probability 0 in f
 
 def token_text(token: int) -> str:
     """A byte token as text for logprobs: the character when it is one, else `bytes:\\xNN`."""
-    return chr(token) if token < 0x80 else f"bytes:\\x{token:02x}"
+    return TOKEN_TEXTS[token]
+
+
+TOKEN_TEXTS = [chr(token) if token < 0x80 else f"bytes:\\x{token:02x}" for token in range(256)]
 
 
 def finite(logprob: float) -> float:
@@ -53,10 +56,12 @@ class ChoiceText:
     """One choice's text so far: the echoed prompt, incremental UTF-8 decoding, stop sequences and logprobs.
 
     A token's `text_offset` is where its character begins in the choice's text (the echoed prompt included):
-    the bytes of one character share its offset, and text held back by the stop matcher is counted where it
-    stands, before it is emitted. No stop sequence ends the choice within its first `min_tokens` tokens: their
-    text bypasses the matcher, which looks only at what follows. With `prompt_logprobs`, the echoed prompt is
-    emitted token by token as its logprobs arrive (the first token has none)."""
+    the bytes of one character share its offset, and a byte that cannot be part of one is the U+FFFD it becomes.
+    A generated token's logprob goes out with its text: while the stop matcher holds the text back, so does it
+    wait, and the tokens of a stop sequence, which the text leaves out, leave out their logprobs too. No stop
+    sequence ends the choice within its first `min_tokens` tokens: their text bypasses the matcher, which looks
+    only at what follows. With `prompt_logprobs`, the echoed prompt is emitted token by token as its logprobs
+    arrive (the first token has none)."""
 
     index: int
     stop: list[str]
@@ -65,11 +70,13 @@ class ChoiceText:
     prompt_logprobs: bool = False
     min_tokens: int = 0
     text_offset: int = 0  # where the next decoded character begins
+    emitted: int = 0  # characters of the choice's text sent so far (the echoed prompt included)
     completion_tokens: int = 0
     total_logprob: float = 0.0  # of the generated tokens: what best_of ranks candidates by
     finish_reason: str | None = None
     decoder: IncrementalDecoder = field(default_factory=IncrementalDecoder)
     echoed: int = 0  # prompt tokens emitted so far
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is held back
 
     def __post_init__(self) -> None:
         self.matcher = StopMatcher(self.stop)
@@ -85,21 +92,38 @@ class ChoiceText:
             self.echo_prompt(len(self.echo), delta)
         return delta
 
+    def decode(self, token: int) -> tuple[str, int]:
+        """(the text one more token completes, where the token's character begins)."""
+        before = self.text_offset
+        piece = self.decoder.push(token)
+        self.text_offset += len(piece)
+        if not piece or self.decoder.pending:  # it continues a character, or begins one after bad bytes
+            return piece, before + (len(piece) if self.decoder.pending and piece else 0)
+        return piece, self.text_offset - 1  # it ends a character: the last of the piece
+
+    def emit(self, text: str, delta: ChoiceDelta) -> None:
+        """Send text, and the logprobs of the tokens whose characters it completes."""
+        delta.text += text
+        self.emitted += len(text)
+        while self.held_logprobs and self.held_logprobs[0].text_offset < self.emitted:
+            delta.logprobs.append(self.held_logprobs.pop(0))
+
     def echo_prompt(
         self, end: int, delta: ChoiceDelta, start: int = 1, rows: Sequence[tuple[float, list]] = ()
     ) -> None:
         """Emit the prompt's tokens up to `end`; `rows` are the (logprob, top) of its tokens from `start` on."""
         assert self.echo is not None
         for position in range(self.echoed, end):
-            offset = self.text_offset
-            piece = self.decoder.push(self.echo[position])
+            piece, offset = self.decode(self.echo[position])
             if position == len(self.echo) - 1:
-                piece += self.decoder.flush()  # the prompt ends here, a complete character or not
-            self.text_offset += len(piece)
-            delta.text += piece
+                tail = self.decoder.flush()  # the prompt ends here, a complete character or not
+                self.text_offset += len(tail)
+                piece += tail
             if self.prompt_logprobs:
                 logprob, top = rows[position - start] if position >= start and rows else (None, [])
                 delta.logprobs.append(TokenLogprob(self.echo[position], logprob, top, offset))
+            delta.text += piece
+            self.emitted += len(piece)
         self.echoed = max(self.echoed, end)
 
     def on_prompt_logprobs(self, event: PromptLogprobsEvent, delta: ChoiceDelta) -> None:
@@ -117,27 +141,31 @@ class ChoiceText:
         self.finish_echo(delta)
         self.completion_tokens += 1
         self.total_logprob += event.logprob
-        offset = self.text_offset  # where the token's character begins, held back or not
-        piece = self.decoder.push(event.token)
-        self.text_offset += len(piece)
+        piece, offset = self.decode(event.token)
+        if self.want_logprobs:
+            self.held_logprobs.append(TokenLogprob(event.token, event.logprob, event.top_logprobs, offset))
         if self.completion_tokens <= self.min_tokens:
             text, stopped = piece, False
         else:
             text, stopped = self.matcher.push(piece)
-        if self.want_logprobs:
-            delta.logprobs.append(TokenLogprob(event.token, event.logprob, event.top_logprobs, offset))
-        delta.text += text
+        self.emit(text, delta)
         if stopped:
+            self.held_logprobs.clear()  # the stop sequence's own tokens
             self.finish_reason = delta.finish_reason = "stop"
 
     def on_length(self, delta: ChoiceDelta) -> None:
         """The engine ended the sequence at max_tokens or the context limit: release what was held back."""
         self.finish_echo(delta)
         tail = self.decoder.flush()
-        text, stopped = (tail, False) if self.completion_tokens < self.min_tokens else self.matcher.push(tail)
+        self.text_offset += len(tail)
+        text, stopped = (tail, False) if self.completion_tokens <= self.min_tokens else self.matcher.push(tail)
         if not stopped:
             text += self.matcher.flush()
-        delta.text += text
+        self.emit(text, delta)
+        if stopped:
+            self.held_logprobs.clear()
+        delta.logprobs += self.held_logprobs  # a token whose bytes ended as nothing at all
+        self.held_logprobs.clear()
         self.finish_reason = delta.finish_reason = "stop" if stopped else "length"
 
 

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(65536, ge=1, description="longest prompt in tokens (a list item or a string)")
     max_tokens_limit: int = Field(16384, ge=1, description="largest max_tokens a request may ask for")
     clamp_max_tokens: bool = Field(False, description="clamp max_tokens over the limit instead of answering 400")
+    max_prompt_logprobs: int = Field(
+        524288, ge=1, description="most prompt logprob values one request may ask for: tokens x choices x (logprobs+1)"
+    )
     chat_max_tokens: int = Field(1024, ge=1, description="max_tokens of a chat completion that sets none")
     reject_unknown_fields: bool = Field(
         False, description="answer 400 to request fields the API does not know, instead of ignoring them"

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.config import Settings
 from server.errors import APIError, InvalidRequest, Unauthorized, Unavailable, error_response
 from server.state import ServerState
+
+logger = logging.getLogger("windowlm.server")
 
 ENDPOINTS = {
     "/v1/completions",
@@ -112,14 +116,14 @@ class RequestGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
+        status, started = 500, False
         rid = request_id_of(scope)
         token = request_id.set(rid)
 
         async def send_and_record(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message = with_request_id(message, rid, scope)
             await send(message)
 
@@ -132,13 +136,24 @@ class RequestGate:
             elif refusal is not None:
                 await error_response(refusal, close=not self.small_body(scope))(scope, receive, send_and_record)
             else:
-                await self.app(scope, receive, send_and_record)
+                await self.run_app(scope, receive, send_and_record, lambda: started)
         finally:
             request_id.reset(token)
             metrics = self.state.metrics
             metrics.answered(endpoint_label(scope["path"]), status)
             if 400 <= status < 500 and status not in (401, 404, 429, 499):
                 metrics.failed("validation")
+
+    async def run_app(self, scope: Scope, receive: Receive, send: Send, started: Callable[[], bool]) -> None:
+        """The app; an exception it raises before answering becomes a 500 in the API's error shape, sent here so
+        it carries the request id (Starlette's own handler of last resort sits outside this gate)."""
+        try:
+            await self.app(scope, receive, send)
+        except Exception as error:
+            if started():
+                raise
+            logger.exception("internal error answering %s %s", scope.get("method"), scope["path"])
+            await error_response(APIError(f"internal error: {type(error).__name__}"))(scope, receive, send)
 
     def refusal(self, scope: Scope) -> APIError | None:
         """The answer to give from the request head alone, or None to go on."""

@@ -75,7 +75,7 @@ class StreamOptions(BaseModel):
 def logit_bias_entries(bias: dict[str, float] | None) -> dict[str, float] | None:
     """Keys are token ids written as decimal strings (JSON object keys are strings), as OpenAI's API has them."""
     for key in bias or {}:
-        if not (key.isascii() and key.isdigit() and str(int(key)) == key and int(key) < VOCAB_SIZE):
+        if not (len(key) <= 3 and key.isascii() and key.isdigit() and str(int(key)) == key and int(key) < VOCAB_SIZE):
             raise ValueError(f"keys must be token ids 0..{VOCAB_SIZE - 1} written as strings, got {key[:20]!r}")
     return bias
 

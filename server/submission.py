@@ -72,6 +72,7 @@ def generation_spec(
     echo: bool = False,
     best_of: int | None = None,
     extra_stop: Sequence[str] = (),
+    length_param: str = "max_tokens",
 ) -> GenerationSpec:
     """Check a request's generation fields against each other and the server's limits -> its spec."""
     n = 1 if body.n is None else body.n
@@ -82,7 +83,7 @@ def generation_spec(
         raise InvalidRequest(f"best_of ({best_of}) must be at least n ({n})", param="best_of")
     if candidates > settings.max_n:
         raise InvalidRequest(f"best_of must be at most {settings.max_n}", param="best_of")
-    length = generation_length(max_tokens, settings)
+    length = generation_length(max_tokens, settings, length_param)
     min_tokens = body.min_tokens or 0
     if min_tokens > length:
         raise InvalidRequest(f"min_tokens ({min_tokens}) must not exceed max_tokens ({length})", param="min_tokens")
@@ -98,8 +99,24 @@ def generation_spec(
     spec = GenerationSpec(
         prompts, n, candidates, length, min_tokens, [*body.stop, *extra_stop], logprobs, echo, sampling, body.seed
     )
+    check_prompt_scores(spec, settings)
     sampling_params(spec, 0)  # a parameter out of range is refused before anything is queued
     return spec
+
+
+def check_prompt_scores(spec: GenerationSpec, settings: Settings) -> None:
+    """Scoring a prompt is cheap for the model but not for the response: each of its tokens, in every choice,
+    carries logprobs + 1 values, all turned into JSON on the event loop."""
+    if spec.prompt_logprobs is None:
+        return
+    values = sum(len(ids) for ids in spec.prompts) * spec.candidates * (spec.prompt_logprobs + 1)
+    if values > settings.max_prompt_logprobs:
+        raise InvalidRequest(
+            f"echo with logprobs={spec.prompt_logprobs} asks for {values} logprob values over the prompt's tokens "
+            f"and choices; this server gives at most {settings.max_prompt_logprobs} (fewer logprobs, choices or "
+            "prompt tokens)",
+            param="logprobs",
+        )
 
 
 def sampling_params(spec: GenerationSpec, candidate: int) -> SamplingParams:
@@ -116,14 +133,14 @@ def sampling_params(spec: GenerationSpec, candidate: int) -> SamplingParams:
     return params
 
 
-def generation_length(max_tokens: int | None, settings: Settings) -> int:
+def generation_length(max_tokens: int | None, settings: Settings, param: str = "max_tokens") -> int:
     """max_tokens, within the server's limit (over it: 400, or the limit when the server clamps)."""
     wanted = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     if wanted <= settings.max_tokens_limit:
         return wanted
     if settings.clamp_max_tokens:
         return settings.max_tokens_limit
-    raise InvalidRequest(f"max_tokens must be at most {settings.max_tokens_limit}", param="max_tokens")
+    raise InvalidRequest(f"{param} must be at most {settings.max_tokens_limit}", param=param)
 
 
 def check_context(prompts: list[list[int]], context_limit: int | None) -> None:

@@ -31,10 +31,10 @@ from server.errors import InvalidRequest
 from server.generation_run import GenerationRun
 from server.openapi import error_responses, json_request_body
 from server.protocol import check_prompt_tokens
-from server.routes.completions import SSE_EVENT, check_model, check_streaming
+from server.routes.completions import SSE_EVENT, check_model, check_streaming, json_response
 from server.sse import EventStreamResponse, sse_data
 from server.state import EngineDep, StateDep
-from server.submission import generation_spec
+from server.submission import GenerationSpec, generation_spec
 
 router = APIRouter()
 tokenizer = ByteTokenizer()
@@ -55,26 +55,11 @@ async def create_chat_completion(
     request: Request,
     state: StateDep,
     engine: EngineDep,
-) -> Response | ChatCompletion:
+) -> Response:
     served = state.settings.served_model_name()
     check_model(body.model, served)
     check_streaming(body)
-    refusal = body.refusal()
-    if refusal is not None:
-        param, why = refusal
-        raise InvalidRequest(f"{param}: {why}", param=param)
-    if body.top_logprobs is not None and not body.logprobs:
-        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    template = state.chat_template
-    prompt = conversation_prompt(body, template, state.settings)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    max_tokens = body.completion_limit
-    if max_tokens is None:
-        max_tokens = min(state.settings.chat_max_tokens, state.settings.max_tokens_limit)
-    end_of_turn = () if body.ignore_eos else template.stop  # a byte model's end of turn is a stop string
-    spec = generation_spec(
-        body, [prompt], state.settings, max_tokens=max_tokens, logprobs=logprobs, extra_stop=end_of_turn
-    )
+    spec = chat_spec(body, state.chat_template, state.settings)
     run = GenerationRun.submit(spec, state, engine, request)
     reply = ChatReply(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served)
     if body.stream:
@@ -87,7 +72,7 @@ async def create_chat_completion(
     collected = await run.collect(request)
     if isinstance(collected, Response):
         return collected
-    return ChatCompletion(
+    answer = ChatCompletion(
         id=reply.id,
         created=reply.created,
         model=served,
@@ -95,12 +80,36 @@ async def create_chat_completion(
             ChatChoice(
                 index=choice.index,
                 message=AssistantMessage(content=choice.text),
-                logprobs=ChoiceLogprobs(content=chat_logprobs(choice.logprobs)) if logprobs is not None else None,
+                logprobs=ChoiceLogprobs(content=chat_logprobs(choice.logprobs)) if body.logprobs else None,
                 finish_reason=choice.finish_reason,
             )
             for choice in collected
         ],
         usage=run.usage(),
+    )
+    return json_response(answer)
+
+
+def chat_spec(body: ChatCompletionRequest, template: ChatTemplate, settings: Settings) -> GenerationSpec:
+    """What the chat request asks of the engine, once every field has been checked."""
+    refusal = body.refusal()
+    if refusal is not None:
+        param, why = refusal
+        raise InvalidRequest(f"{param}: {why}", param=param)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    prompt = conversation_prompt(body, template, settings)
+    max_tokens = body.completion_limit
+    if max_tokens is None:
+        max_tokens = min(settings.chat_max_tokens, settings.max_tokens_limit)
+    return generation_spec(
+        body,
+        [prompt],
+        settings,
+        max_tokens=max_tokens,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        extra_stop=() if body.ignore_eos else template.stop,  # a byte model's end of turn is a stop string
+        length_param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
     )
 
 
@@ -137,7 +146,7 @@ def chat_logprobs(tokens: list[ScoredToken]) -> list[TokenLogprob]:
     return [
         TokenLogprob(
             token=token_text(entry.token),
-            logprob=finite(entry.logprob if entry.logprob is not None else 0.0),
+            logprob=finite(entry.logprob if entry.logprob is not None else 0.0),  # chat never echoes: never None
             bytes=[entry.token],
             top_logprobs=[TopLogprob(token=token_text(t), logprob=finite(v), bytes=[t]) for t, v in entry.top],
         )

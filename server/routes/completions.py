@@ -9,9 +9,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
 from server.body import json_body
-from server.choices import ChoiceDelta, TokenLogprob, finite, token_text
+from server.choices import LOWEST_LOGPROB, TOKEN_TEXTS, ChoiceDelta, TokenLogprob, token_text
 from server.errors import InvalidRequest, NotFound
 from server.generation_run import GenerationRun
 from server.openapi import error_responses, json_request_body
@@ -43,14 +44,12 @@ async def create_completion(
     request: Request,
     state: StateDep,
     engine: EngineDep,
-) -> Response | Completion:
+) -> Response:
     served = state.settings.served_model_name()
     check_model(body.model, served)
     check_streaming(body)
     if body.suffix:
         raise InvalidRequest("suffix is not supported: this model continues text and cannot insert it", param="suffix")
-    if body.best_of not in (None, body.n or 1) and body.stream:
-        raise InvalidRequest("best_of cannot be streamed: candidates are ranked once they are whole", param="best_of")
     prompts = prompt_token_lists(body.prompt, state.settings)
     spec = generation_spec(
         body,
@@ -61,6 +60,8 @@ async def create_completion(
         echo=bool(body.echo),
         best_of=body.best_of,
     )
+    if spec.candidates > spec.n and body.stream:
+        raise InvalidRequest("best_of cannot be streamed: candidates are ranked once they are whole", param="best_of")
     run = GenerationRun.submit(spec, state, engine, request)
     reply = CompletionReply(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served)
     if body.stream:
@@ -69,7 +70,7 @@ async def create_completion(
     collected = await run.collect(request)
     if isinstance(collected, Response):
         return collected
-    return Completion(
+    completion = Completion(
         id=reply.id,
         created=reply.created,
         model=served,
@@ -84,6 +85,13 @@ async def create_completion(
         ],
         usage=run.usage(),
     )
+    return json_response(completion)
+
+
+def json_response(body: BaseModel) -> Response:
+    """The body as JSON, serialized by pydantic in one call (FastAPI's encoder walks every value in Python: 20x
+    slower, and a response with logprobs holds millions of them)."""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def check_model(model: str, served: str) -> None:
@@ -119,9 +127,9 @@ def completion_logprobs(tokens: list[TokenLogprob]) -> Logprobs:
             logprobs.token_logprobs.append(None)
             logprobs.top_logprobs.append(None)
             continue
-        logprobs.token_logprobs.append(finite(entry.logprob))
-        top = {token_text(token): finite(value) for token, value in entry.top}
-        top.setdefault(token_text(entry.token), finite(entry.logprob))
+        logprobs.token_logprobs.append(max(entry.logprob, LOWEST_LOGPROB))
+        top = {TOKEN_TEXTS[token]: max(value, LOWEST_LOGPROB) for token, value in entry.top}
+        top.setdefault(TOKEN_TEXTS[entry.token], max(entry.logprob, LOWEST_LOGPROB))
         logprobs.top_logprobs.append(top)
     return logprobs
 

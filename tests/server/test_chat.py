@@ -116,7 +116,10 @@ def test_seeded_chat_is_the_same_alone_and_batched(server: ServerProcess) -> Non
             "messages[0].content[0]",
         ),
         ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}] * 4097}, "messages"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_completion_tokens": 10**6}, "max_completion_tokens"),
     ],
 )
 def test_what_the_model_cannot_do_is_a_400_naming_the_param(server: ServerProcess, extra: dict, param: str) -> None:
@@ -189,6 +192,14 @@ def test_list_content_and_names_render_like_plain_text(server: ServerProcess) ->
     ]
     assert answers[0]["choices"] == answers[1]["choices"]
     assert answers[0]["usage"]["prompt_tokens"] == len(ChatTemplate.default().render(plain).encode())
+
+
+def test_unknown_fields_inside_messages_are_named_too(server: ServerProcess) -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}], "weight": 1}]
+    body = {"model": TEST_MODEL, "messages": messages, "max_tokens": 2}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["x-windowlm-ignored-fields"] == "messages[0].content[0].cache_control, messages[0].weight"
 
 
 def test_the_models_endpoint_says_which_chat_template_is_used(server: ServerProcess) -> None:

@@ -48,16 +48,32 @@ def test_the_sampled_token_is_always_among_the_top_logprobs() -> None:
 
 def test_text_offsets_count_characters_after_the_echo() -> None:
     text = "hé→x".encode()  # 1 + 2 + 3 + 1 bytes: every byte of a character has the character's offset
-    deltas = feed(ChoiceText(0, [], logprobs=0, text_offset=len("echo")), text)
+    choice = ChoiceText(0, [], logprobs=0, echo=list(b"echo"))
+    assert choice.opening().text == "echo"
+    deltas = feed(choice, text)
     assert offsets(deltas) == [4, 5, 5, 6, 6, 6, 7]
     assert "".join(delta.text for delta in deltas) == "hé→x"
 
 
-def test_text_held_back_by_a_possible_stop_keeps_its_offsets() -> None:
+def test_text_held_back_by_a_possible_stop_keeps_its_offsets_and_its_logprobs_wait_with_it() -> None:
     choice = ChoiceText(0, ["abc"], logprobs=0)
     deltas = feed(choice, b"xabyz")
     assert [delta.text for delta in deltas] == ["x", "", "", "aby", "z"]  # "ab" waited for a possible "c"
-    assert offsets(deltas) == [0, 1, 2, 3, 4]
+    assert [[entry.text_offset for entry in delta.logprobs] for delta in deltas] == [[0], [], [], [1, 2, 3], [4]]
+
+
+def test_the_tokens_of_a_stop_sequence_leave_out_their_logprobs_as_the_text_does() -> None:
+    choice = ChoiceText(0, ["\n\n"], logprobs=0)
+    deltas = feed(choice, b"ab\n\ncd")
+    assert "".join(delta.text for delta in deltas) == "ab"
+    assert [chr(entry.token) for delta in deltas for entry in delta.logprobs] == ["a", "b"]
+
+
+def test_bad_bytes_take_the_offset_of_the_replacement_character_they_become() -> None:
+    choice = ChoiceText(0, [], logprobs=0, echo=[97, 0xC3, 98, 99], prompt_logprobs=True)
+    [delta] = feed(choice, b"x")
+    assert delta.text == "a\ufffdbcx"
+    assert offsets([delta]) == [0, 1, 2, 3, 4]  # the lone 0xC3 is the U+FFFD at 1, "b" follows it at 2
 
 
 def test_a_stop_sequence_ends_the_choice_without_its_text() -> None:

@@ -75,3 +75,33 @@ def test_the_access_log_line_ends_with_the_id(server: ServerProcess) -> None:
     lines = server.output().splitlines()
     assert any('"GET /health HTTP/1.1" 200' in line and line.endswith(f" request_id={given}") for line in lines)
     assert any('"GET /ready HTTP/1.1" 200' in line and line.endswith(f" request_id={generated}") for line in lines)
+
+
+def test_an_internal_error_is_a_500_in_the_error_shape_with_the_request_id() -> None:
+    """The gate answers for an app that raises before answering (Starlette's last-resort handler sits outside
+    it and would send no request id)."""
+    import asyncio
+
+    from server.config import Settings
+    from server.gate import RequestGate
+    from server.metrics import Metrics
+    from server.state import ServerState
+
+    async def broken_app(scope, receive, send) -> None:
+        raise RuntimeError("a bug")
+
+    gate = RequestGate(broken_app, ServerState(settings=Settings(), metrics=Metrics()))
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/completions", json={}, headers={"X-Request-Id": "bug-1"})
+
+    response = asyncio.run(call())
+    assert response.status_code == 500 and response.headers["x-request-id"] == "bug-1"
+    assert response.json()["error"] == {
+        "message": "internal error: RuntimeError",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }

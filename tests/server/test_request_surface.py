@@ -199,3 +199,12 @@ def test_each_completion_stream_chunk_carries_one_choice(server: ServerProcess) 
 def test_seeds_span_the_signed_64_bit_range(server: ServerProcess) -> None:
     for seed in (-(2**63), 2**63 - 1):
         assert complete(server, prompt="abc", max_tokens=2, seed=seed, n=2)["choices"]
+
+
+def test_prompt_scores_are_bounded_by_their_size_in_the_response(server: ServerProcess) -> None:
+    body = {"model": TEST_MODEL, "prompt": "x" * 30000, "max_tokens": 0, "echo": True, "logprobs": 20}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)  # 30,000 x 21 values > 524,288
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
+    assert "at most 524288" in response.json()["error"]["message"]
+    scored = complete(server, **{**body, "prompt": "x" * 2000})  # 42,000 values
+    assert 20 <= len(scored["choices"][0]["logprobs"]["top_logprobs"][1]) <= 21
