@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
     )
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: the CPUs this process may use: affinity, cgroup quota)"
+    )
     max_batch_size: int = Field(32, ge=1, description="KV cache slots: sequences decoded together")
     max_queue: int = Field(256, ge=0, description="sequences waiting for a slot before new requests get 429")
     max_n: int = Field(8, ge=1, description="largest n (choices per prompt)")
@@ -48,6 +51,11 @@ class Settings(BaseSettings):
         False, description="answer 400 to request fields the API does not know, instead of ignoring them"
     )
     prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens per prefill step (a window multiple)")
+    read_whole_prompt: bool = Field(
+        False,
+        description="read every prompt token, not only the last ones the model's local attention can still see "
+        "(the logits are the same either way; for comparison)",
+    )
     api_key: typing.Annotated[list[str], NoDecode] = Field(
         [],
         description="require `Authorization: Bearer KEY` (repeatable; the variable takes keys separated by ,)",

@@ -222,6 +222,7 @@ class ModelCard(BaseModel):
     max_model_len: int | None = Field(None, description="context limit; None when the model has none")
     window_size: int
     look_backward: int
+    cpu_threads: int = Field(description="torch's CPU threads in this server")
     chat_template: Literal["checkpoint", "setting", "default"] = Field(
         description="the template /v1/chat/completions renders conversations with: the checkpoint's, the server's "
         "setting, or the default script format for base models"

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from uvicorn.config import LOGGING_CONFIG
 
 from model.chat_template import ChatTemplate, ChatTemplateError
+from model.threads import configure_threads
 from server.app import create_app, drain, load_engine
 from server.chat_templates import server_chat_template
 from server.config import Settings, settings_from
@@ -144,6 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"windowlm serve: cannot listen on {settings.host}:{settings.port}: {error.strerror}", file=sys.stderr)
         return STARTUP_FAILURE_EXIT
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(message)s")
+    configure_threads(settings.threads)  # on this thread, which runs the engine
     logging.getLogger("uvicorn.access").addFilter(HideQueryStrings())
 
     app = create_app(settings, api_key_digests=key_digests, chat_template=chat_template)

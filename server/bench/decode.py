@@ -16,6 +16,7 @@ import torch
 
 from model import LocalTransformer
 from model.decoder import Decoder
+from model.threads import THREADS_HELP, configure_threads
 from server.bench.decode_reference import comparisons
 from server.bench.machine import finish_machine_state, machine_state
 from server.bench.roofline import compute_roofline, memory_roofline
@@ -82,7 +83,7 @@ def speed_figures(model: LocalTransformer, args: argparse.Namespace) -> dict[str
 
 
 def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     torch.manual_seed(0)
     model_kwargs = dict(BENCH_MODEL, max_seq_len=max(args.contexts) + 1024)
     model = LocalTransformer(**model_kwargs).eval()
@@ -113,7 +114,7 @@ def add_decode_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=numbers, default=[1, 8, 32, 64])
     parser.add_argument("--steps", type=int, default=128, help="timed decode steps per figure")
     parser.add_argument("--long-tokens", type=int, default=100_000, help="tokens for the memory figure (0: skip)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--reference-tokens", type=int, default=32, help="timed reference tokens per context")
     parser.add_argument("--rounds", type=int, default=8, help="turns taken by the figures timed in turns")

@@ -26,6 +26,7 @@ from typing import IO, Any
 import torch
 
 from model.sampling import SamplingParams
+from model.threads import THREADS_HELP, configure_threads
 from server.bench.decode import batched_tokens_per_second_in_turns
 from server.bench.machine import finish_machine_state, machine_state
 from server.bench.timing import BENCH_MODEL
@@ -229,7 +230,7 @@ def measure_level(port: int, model: torch.nn.Module, concurrency: int, args: arg
 def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     from weights.io import load_checkpoint
 
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         weights = Path(args.weights) if args.weights else bench_checkpoint(Path(scratch) / "bench")
         model, _ = load_checkpoint(weights)
@@ -265,5 +266,5 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens each stream asks for")
     parser.add_argument("--steps", type=int, default=64, help="timed engine steps for the raw figure")
     parser.add_argument("--repeats", type=int, default=3, help="HTTP and engine-alone rounds per concurrency")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--plot", default="bench-serve.png", help="where to write the PNG")

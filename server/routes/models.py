@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from fastapi import APIRouter
 
 from server.errors import NotFound
@@ -21,6 +22,7 @@ def model_card(state: StateDep, engine: EngineDep) -> ModelCard:
         window_size=planner.window_size,
         look_backward=planner.look_backward,
         chat_template=state.chat_template.origin,
+        cpu_threads=torch.get_num_threads(),
     )
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.server.conftest import ServerProcess
@@ -59,3 +60,13 @@ def test_sigterm_on_an_idle_server_exits_cleanly(relative_checkpoint: Path) -> N
     server.stop()
     assert "Traceback" not in output and "Event loop is closed" not in output
     assert "NumPy" not in output  # torch warns "Failed to initialize NumPy" on every start without it
+
+
+def test_a_server_uses_the_threads_it_is_given_and_says_so(relative_checkpoint: Path) -> None:
+    server = ServerProcess(relative_checkpoint, env={"WINDOWLM_THREADS": "1"})
+    try:
+        assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["cpu_threads"] == 1
+    finally:
+        server.stop()
+    done, _ = serve("--weights", str(relative_checkpoint), "--threads", "0")
+    assert done.returncode == 2 and "threads" in done.stderr
