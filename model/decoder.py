@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from model.cache import ALL_SLOTS, SlidingKVCache, Slots
+from model.receptive_field import prompt_reach, reading_start
 from model.step import CachedLayers, StepPlanner
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Decoder:
         if chunk < 1 or chunk % self.window_size:
             raise ValueError(f"prefill_chunk must be a positive multiple of the window size {self.window_size}")
         self.prefill_chunk = chunk
+        self.reach = prompt_reach(model)  # last prompt tokens the state after a prompt depends on; None: all
         first_attention = model.attention_layers[0]
         self.cache = SlidingKVCache(
             num_layers=len(model.layers),
@@ -94,8 +96,15 @@ class Decoder:
         return self.model.max_seq_len if self.model.use_abs_pos_emb else None
 
     def reset(self, slot: int, start: int = 0) -> None:
-        """Begin a new text in `slot`, at position `start` (0 unless continuing a longer text)."""
+        """Begin a new text in `slot` at position `start`: 0, or where the part of a longer text that can still
+        matter begins (see read_prompt)."""
         self.cache.reset(slot, start)
+
+    def reading_start(self, prompt_length: int) -> int:
+        """The position to start reading a prompt of `prompt_length` tokens from: the tokens before it cannot
+        change the logits after the prompt nor any key or value a later step reads (model/receptive_field.py).
+        A multiple of the prefill chunk, so the chunks read are those of a whole read."""
+        return reading_start(prompt_length, self.reach, self.window_size, self.prefill_chunk)
 
     def position(self, slot: int) -> int:
         """Tokens the slot has consumed so far."""
@@ -149,6 +158,13 @@ class Decoder:
             logits = self.read_chunk(slot, tokens[start:end])
             start = end
         return logits
+
+    def read_prompt(self, slot: int, tokens: Sequence[int] | Tensor) -> Tensor:
+        """Begin a new text in `slot` with a prompt, reading only the part of it that can still matter (from
+        `reading_start`, at its true positions) -> logits (num_tokens,) after its last token."""
+        start = self.reading_start(len(tokens))
+        self.reset(slot, start)
+        return self.prefill(slot, tokens[start:])
 
     def decode(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
         """One token (B,) for each of slots (B,) -> next-token logits (B, num_tokens)."""

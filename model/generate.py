@@ -47,11 +47,12 @@ def generate(
     filter_thres: float = 0.9,
     seed: int | None = None,
 ) -> Tensor:
-    """Sample seq_len tokens after each row of prime (b, n) with the sliding cache -> (b, seq_len)."""
+    """Sample seq_len tokens after each row of prime (b, n) with the sliding cache -> (b, seq_len); each prompt
+    is read from where it can still matter (Decoder.read_prompt), with the logits of reading all of it."""
     batch = prime.shape[0]
     samplers = reference_samplers(batch, model.num_tokens, temperature, filter_thres, seed, prime.device)
     decoder = Decoder(model, num_slots=batch)
-    logits = torch.stack([decoder.prefill(slot, prime[slot]) for slot in range(batch)])  # (b, V)
+    logits = torch.stack([decoder.read_prompt(slot, prime[slot]) for slot in range(batch)])  # (b, V)
     sampled = []
     for index in range(seq_len):
         token = next_tokens(logits, samplers)  # (b,)

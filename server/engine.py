@@ -7,7 +7,8 @@ It knows token ids only. Requests come in through `submit` (from the event loop)
     1. free the slots of requests their client ended (a stop sequence reached, or the client gone);
     2. admit waiting requests into free slots (a request whose client has gone never starts);
     3. plan: the next chunk of every prompt still being read (so a long prompt holds the running streams up
-       for one chunk at most), and one decode row for every generating slot whose reader keeps up;
+       for one chunk at most; a prompt is read from where it can still matter, see ModelRunner.reading_start),
+       and one decode row for every generating slot whose reader keeps up;
     4. run the plan; every slot that finished its prompt or decoded samples one token (a request of max_tokens
        0 ends with its prompt instead). A request that asked for prompt logprobs gets those of each chunk
        read, before any token of its own.
@@ -59,12 +60,20 @@ class Engine:
         stream_buffer: int = 64,
         stall_timeout: float = 120.0,
         faults: FaultInjector | None = None,
+        read_whole_prompt: bool = False,
     ) -> None:
-        self.runner = ModelRunner(model, num_slots=max_batch_size, prefill_chunk=prefill_chunk, faults=faults)
+        self.runner = ModelRunner(
+            model,
+            num_slots=max_batch_size,
+            prefill_chunk=prefill_chunk,
+            faults=faults,
+            read_whole_prompt=read_whole_prompt,
+        )
         self.scheduler = Scheduler(
             max_batch_size,
             max_queue,
             chunk_end=self.runner.chunk_end,
+            reading_start=self.runner.reading_start,
             context_limit=self.runner.decoder.context_limit,
             stream_buffer=stream_buffer,
             stall_timeout=stall_timeout,
@@ -207,7 +216,7 @@ class Engine:
     def start_request(self, slot: int, request: EngineRequest) -> None:
         """Start an admitted request on the model; one that cannot start fails alone."""
         try:
-            self.runner.start(slot, request)
+            self.runner.start(slot, request, self.scheduler.slots[slot].read_from)
         except Exception as error:  # e.g. parameters the sampler refuses: this request fails alone
             logger.exception("starting request %d failed", request.id)
             self.scheduler.finish(slot, "error", f"the request could not start: {error}")

@@ -10,6 +10,7 @@ import threading
 from typing import TextIO
 
 from model.sampling import SamplingError, SamplingParams
+from model.threads import THREADS_HELP, configure_threads
 from model.tokenizer import ByteTokenizer
 from server.choices import ChoiceText, GenerationFailed, merge_choice_events
 from server.engine import Engine
@@ -31,6 +32,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    parser.add_argument(
+        "--read-whole-prompt",
+        action="store_true",
+        help="read every prompt token, not only the last ones the model can still see (same logits; to compare)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -45,8 +52,11 @@ def run_generate(args: argparse.Namespace) -> int:
         return usage_error(str(error))
     if args.max_tokens < 1:
         return usage_error("--max-tokens must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        return usage_error("--threads must be at least 1")
+    configure_threads(args.threads)
     prompt = ByteTokenizer().encode(args.prompt)
-    engine = Engine(model, max_batch_size=1, max_queue=0, metrics=Metrics())
+    engine = Engine(model, max_batch_size=1, max_queue=0, metrics=Metrics(), read_whole_prompt=args.read_whole_prompt)
     fit = tokens_that_fit(len(prompt), engine.context_limit)
     if not prompt or (fit is not None and fit < 1):
         return usage_error(f"the prompt has {len(prompt)} tokens; this model's context is {engine.context_limit}")

@@ -78,6 +78,12 @@ class Metrics:
         self.decode_step_seconds = Histogram(
             "windowlm_decode_step_seconds", "Duration of one batched decode step", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.add_engine_series(r)
+        for reason in (*REFUSAL_REASONS, *FAILURE_REASONS):  # every reason exported from the start, at 0
+            self.request_failures.labels(model=model_name, reason=reason)
+
+    def add_engine_series(self, r: CollectorRegistry) -> None:
+        """The engine's gauges and token counters (unlabelled: one engine per process)."""
         self.requests_running = Gauge("windowlm_requests_running", "Sequences holding a slot", registry=r)
         self.requests_waiting = Gauge("windowlm_requests_waiting", "Sequences waiting for a slot", registry=r)
         self.requests_paused = Gauge(
@@ -85,10 +91,13 @@ class Metrics:
         )
         self.kv_slots_used = Gauge("windowlm_kv_slots_used", "KV cache slots in use", registry=r)
         self.kv_slots_capacity = Gauge("windowlm_kv_slots_capacity", "KV cache slots in all", registry=r)
-        self.prompt_tokens_total = Counter("windowlm_prompt_tokens", "Prompt tokens read into the cache", registry=r)
+        self.prompt_tokens_total = Counter("windowlm_prompt_tokens", "Prompt tokens of the sequences", registry=r)
+        self.prompt_tokens_read_total = Counter(
+            "windowlm_prompt_tokens_read",
+            "Prompt tokens read into the cache (those beyond the model's reach are not: see read_whole_prompt)",
+            registry=r,
+        )
         self.generation_tokens_total = Counter("windowlm_generation_tokens", "Tokens generated", registry=r)
-        for reason in (*REFUSAL_REASONS, *FAILURE_REASONS):  # every reason exported from the start, at 0
-            self.request_failures.labels(model=model_name, reason=reason)
 
     def request_histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
         """A histogram of requests, labelled with the served model (the one child this process observes)."""
@@ -113,6 +122,7 @@ class Metrics:
         for seconds in stats.queue_seconds:
             self.queue_time.observe(seconds)
         self.prompt_tokens_total.inc(stats.prompt_tokens)
+        self.prompt_tokens_read_total.inc(stats.prompt_tokens_read)
         self.generation_tokens_total.inc(stats.generated_tokens)
         for seconds in stats.first_token_seconds:
             self.time_to_first_token.observe(seconds)

@@ -33,8 +33,10 @@ class ModelRunner:
         num_slots: int,
         prefill_chunk: int | None = None,
         faults: FaultInjector | None = None,
+        read_whole_prompt: bool = False,
     ) -> None:
         self.model = model
+        self.read_whole_prompt = read_whole_prompt
         self.device = next(model.parameters()).device
         self.decoder = Decoder(model, num_slots=num_slots, prefill_chunk=prefill_chunk)
         self.samplers: list[SequenceSampler | None] = [None] * num_slots
@@ -43,11 +45,20 @@ class ModelRunner:
     def chunk_end(self, start: int, end: int) -> int:
         return self.decoder.chunk_end(start, end)
 
-    def start(self, slot: int, request: EngineRequest) -> None:
-        """Begin the request's sequence in `slot`: an empty cache, and a sampler that has seen its prompt."""
+    def reading_start(self, request: EngineRequest) -> int:
+        """The first prompt token to read: the tokens before it cannot change the logits after the prompt nor
+        anything a later step reads (model/receptive_field.py). 0 (read everything) for a model of unbounded
+        reach, a request that scores its prompt, or when the settings ask for whole prompts."""
+        if self.read_whole_prompt or request.prompt_logprobs is not None:
+            return 0
+        return self.decoder.reading_start(len(request.prompt))
+
+    def start(self, slot: int, request: EngineRequest, read_from: int = 0) -> None:
+        """Begin the request's sequence in `slot` at prompt position `read_from` (see reading_start): an empty
+        cache, and a sampler that has seen the whole prompt (penalties count every prompt token)."""
         sampler = SequenceSampler(request.params, self.model.num_tokens, device=self.device)
         sampler.observe_prompt(request.prompt)
-        self.decoder.reset(slot)
+        self.decoder.reset(slot, read_from)
         self.samplers[slot] = sampler
 
     def run(self, plan: StepPlan) -> StepOutput:

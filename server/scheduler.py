@@ -41,7 +41,8 @@ def tokens_that_fit(prompt_tokens: int, context_limit: int | None) -> int | None
 class Slot:
     request: EngineRequest
     max_tokens: int  # the request's max_tokens, or fewer where the context ends first; 0: only read the prompt
-    prefilled: int = 0  # prompt tokens already in the cache
+    prefilled: int = 0  # prompt tokens already in the cache, or skipped as outside the model's reach
+    read_from: int = 0  # the first prompt token read (those before it cannot change what follows)
     next_token: int | None = None  # sampled, not yet fed to the model
 
 
@@ -119,7 +120,8 @@ class StepStats:
     """What one step did, for the metrics (observed once per step, in one place)."""
 
     queue_seconds: list[float] = field(default_factory=list)  # of each request admitted
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # taken in, with those skipped as beyond the model's reach (at a prompt's first chunk)
+    prompt_tokens_read: int = 0  # read into the cache
     generated_tokens: int = 0
     first_token_seconds: list[float] = field(default_factory=list)  # arrival to first token
     inter_token_seconds: list[float] = field(default_factory=list)
@@ -140,6 +142,7 @@ class Scheduler:
         max_queue: int,
         *,
         chunk_end: Callable[[int, int], int],
+        reading_start: Callable[[EngineRequest], int] | None = None,
         context_limit: int | None = None,
         stream_buffer: int = 64,
         stall_timeout: float = 120.0,
@@ -148,6 +151,7 @@ class Scheduler:
         self.num_slots = num_slots
         self.max_queue = max_queue
         self.chunk_end = chunk_end  # (prompt position, prompt length) -> end of the chunk read from there
+        self.reading_start = reading_start  # request -> its first prompt token to read (None: always 0)
         self.context_limit = context_limit
         self.stream_buffer = stream_buffer
         self.stall_timeout = stall_timeout
@@ -200,10 +204,13 @@ class Scheduler:
     # -- each step (the engine thread) ---------------------------------------------------------------------
 
     def admit(self, request: EngineRequest) -> int:
-        """Give a taken request the lowest free slot -> its index, for the runner to start it there."""
+        """Give a taken request the lowest free slot -> its index, for the runner to start it there (reading its
+        prompt from the slot's `read_from`)."""
         index = self.slots.index(None)
         fit = tokens_that_fit(len(request.prompt), self.context_limit)
-        self.slots[index] = Slot(request, request.max_tokens if fit is None else min(request.max_tokens, fit))
+        start = 0 if self.reading_start is None else self.reading_start(request)
+        max_tokens = request.max_tokens if fit is None else min(request.max_tokens, fit)
+        self.slots[index] = Slot(request, max_tokens, prefilled=start, read_from=start)
         request.started_at = self.clock()
         self.stats.queue_seconds.append(request.started_at - request.arrived_at)
         return index
@@ -253,8 +260,11 @@ class Scheduler:
         """Take in what the runner made of the plan: read chunks advance (a request of max_tokens 0 ends with its
         prompt), failed rows end, sampled tokens count (the engine has already handed each token to its request)."""
         for chunk in output.read:
-            self.slots[chunk.slot].prefilled = chunk.end
-            self.stats.prompt_tokens += chunk.end - chunk.start
+            slot = self.slots[chunk.slot]
+            skipped = slot.read_from if chunk.start == slot.read_from else 0  # counted with the first chunk
+            slot.prefilled = chunk.end
+            self.stats.prompt_tokens += skipped + chunk.end - chunk.start
+            self.stats.prompt_tokens_read += chunk.end - chunk.start
             if chunk.completes_prompt and not chunk.samples:
                 self.finish(chunk.slot, "length")
         for index, message in output.errors.items():

@@ -193,3 +193,13 @@ def test_prompt_longer_than_an_absolute_model_context(absolute_checkpoint) -> No
         assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"] == 64
     finally:
         server.stop()
+
+
+def test_a_long_prompt_is_counted_whole_and_read_from_the_models_reach(server: ServerProcess) -> None:
+    """The test model (2 layers, window 8, look-back 1) can see 17 tokens back: of a 400-token prompt the
+    server reads the last chunk-aligned stretch that covers them, and still counts all 400."""
+    counted = server.metric("windowlm_prompt_tokens_total")
+    read = server.metric("windowlm_prompt_tokens_read_total")
+    client(server).completions.create(model=TEST_MODEL, prompt="y" * 400, max_tokens=1)
+    assert server.wait_metric("windowlm_prompt_tokens_total", counted + 400) == counted + 400
+    assert 17 <= server.metric("windowlm_prompt_tokens_read_total") - read <= 32
