@@ -4,18 +4,16 @@ stats count every prompt token and, apart, the ones read. Scoring requests and -
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
 from model.receptive_field import prompt_reach, reading_start
 from model.sampling import SamplingParams
-from server.engine import Engine, EngineRequest, FinishEvent, PromptLogprobsEvent, TokenEvent
-from server.metrics import Metrics
+from server.engine import Engine, EngineRequest, PromptLogprobsEvent, TokenEvent
 from server.scheduler import PromptChunk, Scheduler, StepOutput, StepStats
 from tests.generation import tokens_alone
 from tests.server.conftest import make_checkpoint
+from tests.server.test_prompt_logprobs import run as run_engine
 from weights.io import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a thread pool only adds waiting
@@ -39,35 +37,20 @@ def random_prompt(length: int, seed: int) -> list[int]:
 def run(model, requests_of, **options) -> tuple[dict[int, list], dict[str, int]]:
     """Every event of the requests `requests_of(loop, events)`, by tag, and the prompt tokens the engine's
     steps counted: "prompt" (every token) and "read" (read into the cache)."""
-    engine = Engine(model, metrics=Metrics(), **{"max_batch_size": 4, "max_queue": 8, **options})
     counted = {"prompt": 0, "read": 0}
-    observe = engine.metrics.observe_step
 
-    def observe_step(stats: StepStats) -> None:
-        counted["prompt"] += stats.prompt_tokens
-        counted["read"] += stats.prompt_tokens_read
-        observe(stats)
+    def count_prompt_tokens(engine: Engine) -> None:
+        observe = engine.metrics.observe_step
 
-    engine.metrics.observe_step = observe_step
-    engine.start()
+        def observe_step(stats: StepStats) -> None:
+            counted["prompt"] += stats.prompt_tokens
+            counted["read"] += stats.prompt_tokens_read
+            observe(stats)
 
-    async def scenario() -> dict[int, list]:
-        events: asyncio.Queue = asyncio.Queue()
-        requests = requests_of(asyncio.get_running_loop(), events)
-        engine.submit(requests)
-        seen: dict[int, list] = {}
-        finished = 0
-        while finished < len(requests):
-            tag, event = await events.get()
-            seen.setdefault(tag, []).append(event)
-            finished += isinstance(event, FinishEvent)
-        return seen
+        engine.metrics.observe_step = observe_step
 
-    try:
-        return asyncio.run(scenario()), counted
-    finally:
-        engine.shutdown()
-        engine.join()
+    seen, _ = run_engine(model, requests_of, count_prompt_tokens, **{"max_batch_size": 4, **options})
+    return seen, counted
 
 
 def tokens(events: list) -> list[int]:
