@@ -198,3 +198,10 @@ def test_cpu_fallback_autoscaler_replaces_the_same_one() -> None:
     assert fallback["spec"]["scaleTargetRef"] == hpa["spec"]["scaleTargetRef"]
     (metric,) = fallback["spec"]["metrics"]
     assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+
+
+def test_the_deployment_sizes_torchs_threads_to_the_cpus_the_pod_asks_for() -> None:
+    """Without a CPU limit a container sees every core of its node; the server would start that many threads."""
+    source = container_env()["WINDOWLM_THREADS"]["resourceFieldRef"]
+    assert source["resource"] == "requests.cpu" and source["containerName"] == container()["name"]
+    assert source["divisor"] == "1" and "cpu" in container()["resources"]["requests"]
