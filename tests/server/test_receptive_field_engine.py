@@ -107,11 +107,13 @@ def test_scoring_requests_and_the_setting_read_every_prompt_token(model) -> None
 
 
 def test_simultaneous_prompts_of_different_lengths_give_their_text_alone(model) -> None:
-    """More requests than slots, greedy and seeded, prompts from shorter than R to many windows long: batched,
-    each gives the text it gives alone (the oracle reads its whole prompt)."""
+    """More requests than slots, greedy, seeded and penalised, prompts from shorter than R to many windows long:
+    batched, each gives the text it gives alone (the oracle reads, and its sampler sees, its whole prompt)."""
     lengths = [5, 260, 17, 64, 133, 40, 999]
     prompts = [random_prompt(length, 50 + length) for length in lengths]
     params = [GREEDY if i % 2 else SamplingParams(temperature=0.9, seed=i) for i in range(len(lengths))]
+    # The penalties count every prompt token, also those never read: a repetition penalty on the whole prompt.
+    params[3] = SamplingParams(temperature=0, repetition_penalty=1.5, presence_penalty=1.0, logprobs=5)
 
     def requests_of(loop, events) -> list[EngineRequest]:
         return [EngineRequest(p, params[i], 12, loop, events, tag=i) for i, p in enumerate(prompts)]
