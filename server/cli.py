@@ -10,6 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from server.bench.chat import add_chat_bench_arguments
     from server.bench.decode import add_decode_bench_arguments
+    from server.bench.prompt import add_prompt_bench_arguments
     from server.bench.serve import add_serve_bench_arguments
     from server.bench.soak import add_soak_bench_arguments
     from server.config import add_settings_arguments
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_bench_arguments(bench_kinds.add_parser("serve", help="the HTTP path under concurrent streams"))
     add_soak_bench_arguments(bench_kinds.add_parser("soak", help="a bounded load of careless and hostile clients"))
     add_chat_bench_arguments(bench_kinds.add_parser("chat", help="per-token latency of chat against completions"))
+    add_prompt_bench_arguments(bench_kinds.add_parser("prompt", help="time to first token against prompt length"))
     return parser
 
 
@@ -44,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from server.bench.chat import run_chat_bench
         from server.bench.decode import run_decode_bench
+        from server.bench.prompt import run_prompt_bench
         from server.bench.serve import run_serve_bench
         from server.bench.soak import run_soak_bench
 
-        benches = {"decode": run_decode_bench, "serve": run_serve_bench, "soak": run_soak_bench, "chat": run_chat_bench}
+        benches = {"decode": run_decode_bench, "serve": run_serve_bench, "soak": run_soak_bench}
+        benches.update(chat=run_chat_bench, prompt=run_prompt_bench)
         run = benches[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0
