@@ -22,11 +22,11 @@ from server.bench.machine import finish_machine_state, machine_state
 from server.bench.serve import MODEL_ID, free_port, start_server
 from server.config import BUNDLED_WEIGHTS
 
-TEXT = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+TEXT = (Path(__file__).resolve().parents[2] / "README.md").read_text().encode("ascii", "ignore").decode()
 
 
 def prompt_of(size: int) -> str:
-    """`size` characters of English text (this project's README, repeated)."""
+    """`size` bytes of English text (this project's README in ASCII, repeated)."""
     return (TEXT * (size // len(TEXT) + 1))[:size]
 
 
