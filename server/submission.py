@@ -182,7 +182,7 @@ def engine_requests(
         for candidate in range(spec.candidates):
             tag = prompt_index * spec.candidates + candidate
             params = sampling_params(spec, candidate)
-            request = EngineRequest(ids, params, spec.max_tokens, loop, events, tag=tag)
-            request.prompt_logprobs = spec.prompt_logprobs
-            requests.append(request)
+            requests.append(
+                EngineRequest(ids, params, spec.max_tokens, loop, events, tag=tag, prompt_logprobs=spec.prompt_logprobs)
+            )
     return requests

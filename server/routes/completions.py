@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from server.body import json_body
-from server.choices import LOWEST_LOGPROB, TOKEN_TEXTS, ChoiceDelta, TokenLogprob, token_text
+from server.choices import TOKEN_TEXTS, ChoiceDelta, TokenLogprob, finite, token_text
 from server.errors import InvalidRequest, NotFound
 from server.generation_run import GenerationRun
 from server.openapi import error_responses, json_request_body
@@ -127,9 +127,10 @@ def completion_logprobs(tokens: list[TokenLogprob]) -> Logprobs:
             logprobs.token_logprobs.append(None)
             logprobs.top_logprobs.append(None)
             continue
-        logprobs.token_logprobs.append(max(entry.logprob, LOWEST_LOGPROB))
-        top = {TOKEN_TEXTS[token]: max(value, LOWEST_LOGPROB) for token, value in entry.top}
-        top.setdefault(TOKEN_TEXTS[entry.token], max(entry.logprob, LOWEST_LOGPROB))
+        logprob = finite(entry.logprob)
+        logprobs.token_logprobs.append(logprob)
+        top = {TOKEN_TEXTS[token]: finite(value) for token, value in entry.top}
+        top.setdefault(TOKEN_TEXTS[entry.token], logprob)
         logprobs.top_logprobs.append(top)
     return logprobs
 
