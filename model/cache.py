@@ -109,12 +109,15 @@ class SlidingKVCache:
         last = last_positions[:, None]  # (B, 1)
         return last - (last - self.ring_index) % self.capacity  # (B, C)
 
-    def step_rings(self, slots: Slots, first_position: Tensor, length: int) -> StepRings:
+    def step_rings(self, slots: Slots, first_position: Tensor, length: int, lengths: Tensor | None = None) -> StepRings:
         """Where a step over `slots` reads and writes keys of positions first..first+L-1 (B,): made once per
-        step, the same for every layer.
+        step, the same for every layer. `lengths` (B,): row b has only its first lengths[b] tokens (the rest
+        pad the batch and are never written).
 
-        Only the newest `capacity` positions are kept, so no two writes land on one ring index.
+        Only the newest `capacity` positions of a row are kept, so no two writes land on one ring index.
         """
+        if lengths is not None:
+            return self.ragged_rings(slots, first_position, length, lengths)
         kept = min(length, self.capacity)
         if length == 1:
             ring = (first_position % self.capacity)[:, None]  # (B, 1)
@@ -124,6 +127,16 @@ class SlidingKVCache:
         # rows of the buffers seen as (layers, slots * heads * capacity, dim_head), in (B, heads, kept) order
         rows = (self.first_rows[slots] + ring[:, None, :]).flatten()
         return StepRings(self, slots, rows, skip=length - kept)
+
+    def ragged_rings(self, slots: Slots, first_position: Tensor, length: int, lengths: Tensor) -> StepRings:
+        """step_rings for rows of lengths (B,) padded to `length`: the rows of the tokens kept, (B, heads, L)
+        entries selected by a mask."""
+        offsets = torch.arange(length, device=first_position.device)  # (L,)
+        kept = (offsets < lengths[:, None]) & (offsets >= lengths[:, None] - self.capacity)  # (B, L)
+        ring = (first_position[:, None] + offsets) % self.capacity  # (B, L)
+        rows = self.first_rows[slots] + ring[:, None, :]  # (B, heads, L)
+        kept = kept[:, None, :].expand_as(rows)  # (B, heads, L)
+        return StepRings(self, slots, rows[kept], skip=0, kept=kept)
 
 
 @dataclass
@@ -138,6 +151,7 @@ class StepRings:
     slots: Slots
     rows: Tensor  # (B * heads * kept,)
     skip: int
+    kept: Tensor | None = None  # (B, heads, L) bool: which new entries are written (rows of different lengths)
 
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
         """Keys and values (B, heads, capacity, dim_head) of one layer."""
@@ -147,6 +161,8 @@ class StepRings:
         """Store one layer's new keys and values (B, heads, L, dim_head)."""
         if self.skip:
             keys, values = keys[:, :, self.skip :], values[:, :, self.skip :]  # (B, heads, kept, dim_head)
+        if self.kept is not None:
+            keys, values = keys[self.kept], values[self.kept]  # (entries kept, dim_head)
         dim_head = keys.shape[-1]
         self.cache.key_rows[layer].index_copy_(0, self.rows, keys.reshape(-1, dim_head))
         self.cache.value_rows[layer].index_copy_(0, self.rows, values.reshape(-1, dim_head))

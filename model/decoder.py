@@ -16,7 +16,7 @@ from torch import Tensor
 
 from model.cache import ALL_SLOTS, SlidingKVCache, Slots
 from model.receptive_field import prompt_reach, reading_start
-from model.step import CachedLayers, StepPlanner
+from model.step import CachedLayers, Packing, StepPlanner
 
 if TYPE_CHECKING:
     from model.transformer import LocalTransformer
@@ -119,20 +119,26 @@ class Decoder:
         and keep their position. Their key is written at their current position's ring index, whose old entry
         is out of every later query's window and which their next real token overwrites: nothing reads it.
         """
-        cache = self.cache
         length = tokens.shape[1]
         with torch.inference_mode(), self.kernels:
-            positions = cache.lengths[slots][:, None].clone()  # (B, 1), not a view of what this step advances
-            if length > 1:
-                positions = positions + torch.arange(length, device=tokens.device)  # (B, L)
-            plan = self.planner.plan(cache, slots, positions)
-            if advance is not None:
-                positions = positions * advance[:, None]  # riders embed at position 0: always in range
-            x = self.model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
-            hidden = self.layers.run(x, plan)  # (B, L, dim)
+            hidden = self.hidden_states(slots, tokens, advance)  # (B, L, dim)
             logits = self.layers.logits(hidden[:, -1:] if last_only else hidden)
-            cache.lengths[slots] += length if advance is None else advance * length  # last: a step that raised
-            return logits  # left every position where it was, so running it again is exact
+            self.cache.lengths[slots] += length if advance is None else advance * length  # last: a step that
+            return logits  # raised left every position where it was, so running it again is exact
+
+    def hidden_states(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
+        """The final hidden states (B, L, dim) of tokens (B, L) fed to slots at their current positions; stores
+        their keys and values, and leaves the positions to the caller. `advance` as in `step`."""
+        cache = self.cache
+        length = tokens.shape[1]
+        positions = cache.lengths[slots][:, None].clone()  # (B, 1), not a view of what this step advances
+        if length > 1:
+            positions = positions + torch.arange(length, device=tokens.device)  # (B, L)
+        plan = self.planner.plan(cache, slots, positions)
+        if advance is not None:
+            positions = positions * advance[:, None]  # riders embed at position 0: always in range
+        x = self.model.embed(tokens, positions)  # (B, L, dim); raises ContextLimitError past max_seq_len
+        return self.layers.run(x, plan)  # (B, L, dim)
 
     def chunk_end(self, start: int, end: int) -> int:
         """End of the prefill chunk starting at `start`: the next multiple of the chunk size, at most `end`."""
@@ -141,10 +147,38 @@ class Decoder:
     def read_chunk(self, slot: int, tokens: Tensor, all_positions: bool = False) -> Tensor:
         """Feed one prefill chunk of tokens (L,) to `slot` -> logits (num_tokens,) after its last token, or
         with `all_positions` the logits (L, num_tokens) after each of its tokens (to score the prompt)."""
-        slots = torch.tensor([slot], device=self.cache.lengths.device)
-        if all_positions:
-            return self.step(slots, tokens[None])[0]  # (L, V)
-        return self.step(slots, tokens[None], last_only=True)[0, 0]  # (V,)
+        return self.read_chunks([slot], [tokens], [all_positions])[0]
+
+    def read_chunks(
+        self, slots: Sequence[int], chunks: Sequence[Tensor], all_positions: Sequence[bool] | None = None
+    ) -> list[Tensor]:
+        """Feed prompt chunks (L_b,) to distinct slots in one call -> for each, the logits (num_tokens,) after its
+        last token, or (L_b, num_tokens) after each of its tokens where `all_positions` says so.
+
+        The per-token work runs on the chunks end to end, the attention on them padded to the longest (see
+        model.step.Packing): one call costs far less than a call per chunk, and padding costs attention only.
+        """
+        device = self.cache.lengths.device
+        index = torch.tensor(slots, device=device)  # (B,)
+        lengths = torch.tensor([len(chunk) for chunk in chunks], device=device)  # (B,)
+        packing = Packing.of(lengths)
+        every = all_positions or [False] * len(chunks)
+        with torch.inference_mode(), self.kernels:
+            positions = self.cache.lengths[index][:, None] + torch.arange(packing.length, device=device)  # (B, L)
+            plan = self.planner.plan(self.cache, index, positions, packing)
+            packed_positions = positions.flatten()[packing.packed_from_padded]  # (T,)
+            tokens = torch.cat(list(chunks)).to(device)[None]  # (1, T)
+            # raises ContextLimitError past max_seq_len
+            x = self.model.embed(tokens, packed_positions[None])  # (1, T, dim)
+            hidden = self.layers.run(x, plan)  # (1, T, dim)
+            ends = torch.cumsum(lengths, 0)  # (B,)
+            logits = self.layers.logits(hidden[:, ends - 1])[0]  # (B, V)
+            read = [
+                self.layers.logits(hidden[:, end - len(chunk) : end])[0] if every[row] else logits[row]
+                for row, (chunk, end) in enumerate(zip(chunks, ends.tolist(), strict=True))
+            ]  # (L_b, V) or (V,) each
+            self.cache.lengths[index] += lengths
+        return read
 
     def prefill(self, slot: int, tokens: Sequence[int] | Tensor) -> Tensor:
         """Feed a prompt to one slot chunk by chunk -> logits (num_tokens,) after its last token."""

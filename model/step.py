@@ -49,6 +49,43 @@ class StepPlan:
     self_key: Tensor | None  # (B, 1, L, K) bool: a query's own key (shared_qk only)
     query_rotation: Rotation | None  # of the L queries
     key_rotation: Rotation | None  # of the K keys, with the inverse xpos scale
+    packing: Packing | None = None  # rows of different lengths, packed end to end outside attention
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Rows of different lengths (prompt chunks of several slots): end to end, (1, T), for the per-token work
+    (projections, feed-forward), padded to the longest, (B, L), for attention against each slot's ring.
+
+    Padding repeats its row's last token at later positions: causality keeps it from every real query, its
+    keys are not stored, and its outputs are dropped when the rows are packed again.
+    """
+
+    lengths: Tensor  # (B,)
+    length: int  # L, the longest
+    padded_from_packed: Tensor  # (B * L,): the packed token at each padded place
+    packed_from_padded: Tensor  # (T,): the padded place of each packed token
+
+    @classmethod
+    def of(cls, lengths: Tensor) -> Packing:
+        length = int(lengths.max())
+        offsets = torch.arange(length, device=lengths.device)  # (L,)
+        starts = torch.cumsum(lengths, 0) - lengths  # (B,): each row's first packed token
+        real = offsets < lengths[:, None]  # (B, L)
+        padded_from_packed = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)  # (B, L)
+        packed_from_padded = real.flatten().nonzero().flatten()  # (T,)
+        return cls(lengths, length, padded_from_packed.flatten(), packed_from_padded)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """(1, h, T, dh) -> (B, h, L, dh)."""
+        heads, dim_head = x.shape[1], x.shape[3]
+        padded = x[0].index_select(1, self.padded_from_packed)  # (h, B * L, dh)
+        return padded.view(heads, len(self.lengths), self.length, dim_head).transpose(0, 1)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, h, L, dh) -> (1, h, T, dh)."""
+        heads, dim_head = x.shape[1], x.shape[3]
+        return x.transpose(0, 1).reshape(heads, -1, dim_head).index_select(1, self.packed_from_padded)[None]
 
 
 class StepPlanner:
@@ -85,8 +122,11 @@ class StepPlanner:
             self.blocked_row = table.shape[0]
             self.bias_table = torch.cat((table, self.blocked_score.expand(1, table.shape[1])))
 
-    def plan(self, cache: SlidingKVCache, slots: Slots, query_positions: Tensor) -> StepPlan:
-        """The plan of feeding new tokens at positions (B, L) (first..first+L-1 of each slot) to `slots`."""
+    def plan(
+        self, cache: SlidingKVCache, slots: Slots, query_positions: Tensor, packing: Packing | None = None
+    ) -> StepPlan:
+        """The plan of feeding new tokens at positions (B, L) (first..first+L-1 of each slot) to `slots`; with
+        a `packing`, rows of its lengths, packed (see Packing)."""
         length = query_positions.shape[1]
         first = query_positions[:, 0]  # (B,)
         start = cache.starts[slots]  # (B,)
@@ -109,12 +149,13 @@ class StepPlanner:
             score_bias = F.embedding(row, self.bias_table).permute(0, 3, 1, 2).contiguous()  # (B, heads, L, K)
 
         return StepPlan(
-            rings=cache.step_rings(slots, first, length),
+            rings=cache.step_rings(slots, first, length, None if packing is None else packing.lengths),
             write_first=length == 1,
             score_bias=score_bias,
             self_key=(distance == 0)[:, None] if self.shared_qk else None,
             query_rotation=query_rotation,
             key_rotation=key_rotation,
+            packing=packing,
         )
 
     def decode_visibility(
@@ -246,7 +287,10 @@ class CachedLayers:
 
 
 def cached_attention(layer: int, plan: StepPlan, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """New q, k, v (B, h, L, dh) of one layer -> attention output (B, h, L, dh); stores k and v."""
+    """New q, k, v (B, h, L, dh) of one layer -> attention output (B, h, L, dh); stores k and v. Packed rows
+    come in and go out as (1, h, T, dh)."""
+    if plan.packing is not None:
+        q, k, v = (plan.packing.unpack(x) for x in (q, k, v))  # (B, h, L, dh) each
     rings = plan.rings
     if plan.write_first:
         rings.write(layer, k, v)
@@ -256,4 +300,5 @@ def cached_attention(layer: int, plan: StepPlan, q: Tensor, k: Tensor, v: Tensor
         keys = torch.cat((ring_keys, k), dim=2)  # (B, h, C + L, dh)
         values = torch.cat((ring_values, v), dim=2)
         rings.write(layer, k, v)
-    return attend(q, keys, values, plan, scale)
+    attended = attend(q, keys, values, plan, scale)  # (B, h, L, dh)
+    return attended if plan.packing is None else plan.packing.pack(attended)

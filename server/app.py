@@ -43,6 +43,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         max_queue=settings.max_queue,
         metrics=metrics,
         prefill_chunk=settings.prefill_chunk,
+        prompt_tokens_per_step=settings.prompt_tokens_per_step,
         read_whole_prompt=settings.read_whole_prompt,
         stream_buffer=settings.stream_buffer,
         stall_timeout=settings.stall_timeout,

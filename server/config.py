@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         False, description="answer 400 to request fields the API does not know, instead of ignoring them"
     )
     prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens per prefill step (a window multiple)")
+    prompt_tokens_per_step: int = Field(
+        1024,
+        ge=1,
+        description="most prompt tokens one step reads, over all prompts being read (at least one chunk): bounds "
+        "how long running streams wait for their next token while prompts arrive",
+    )
     read_whole_prompt: bool = Field(
         False,
         description="read every prompt token, not only the last ones the model's local attention can still see "

@@ -57,6 +57,7 @@ class Engine:
         max_queue: int,
         metrics: Metrics,
         prefill_chunk: int | None = None,
+        prompt_tokens_per_step: int | None = None,
         stream_buffer: int = 64,
         stall_timeout: float = 120.0,
         faults: FaultInjector | None = None,
@@ -75,6 +76,7 @@ class Engine:
             chunk_end=self.runner.chunk_end,
             reading_start=self.runner.reading_start,
             context_limit=self.runner.decoder.context_limit,
+            prompt_tokens_per_step=prompt_tokens_per_step,
             stream_buffer=stream_buffer,
             stall_timeout=stall_timeout,
         )

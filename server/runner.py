@@ -1,9 +1,10 @@
 """The runner: carries out a step's plan on the Decoder and the sampler, and returns tokens and logprobs.
 
 It knows slots, token ids and tensors; which slots run, and what becomes of their requests, is the scheduler's
-business. A fault inside a step fails only the slots it belongs to: a prompt chunk that raises fails its slot,
-a batched decode step that raises is run again slot by slot, and a batch that cannot be sampled is sampled
-row by row, all exact because decoding and sampling are batch-invariant (see `sample` for the one exception).
+business. A fault inside a step fails only the slots it belongs to: a batched prompt read or decode step that
+raises is run again slot by slot (a chunk that still raises fails its slot), and a batch that cannot be sampled
+is sampled row by row. A retry gives each slot what a batch would have, up to float rounding: a row's result
+depends on no other row's values (see `sample` for the one exception).
 """
 
 from __future__ import annotations
@@ -69,11 +70,10 @@ class ModelRunner:
         output = StepOutput()
         to_sample: list[int] = []
         rows: list[Tensor] = []  # (1, V) or (B, V) logits, in the order of to_sample
-        for chunk in plan.prompt_chunks:
-            logits = self.read_chunk(chunk, output)  # (1, V), or None when the chunk failed
+        for chunk, logits in zip(plan.prompt_chunks, self.read_chunks(plan.prompt_chunks, output), strict=True):
             if logits is not None and chunk.samples:
                 to_sample.append(chunk.slot)
-                rows.append(logits)
+                rows.append(logits[None])
         started = time.perf_counter()
         if plan.decode_rows:
             ran, logits = self.decode(plan.decode_rows, output.errors)  # (len(ran), V)
@@ -85,25 +85,44 @@ class ModelRunner:
             output.decode_seconds = time.perf_counter() - started
         return output
 
-    def read_chunk(self, chunk: PromptChunk, output: StepOutput) -> Tensor | None:
-        """Feed one prompt chunk to its slot -> the logits after its last token (1, V); None if it failed.
-        A request that wants prompt logprobs gets those of the chunk in `output.prompt_logprobs`."""
-        try:
-            tokens = torch.tensor(chunk.tokens, device=self.device)  # (L,)
-            if chunk.request.prompt_logprobs is None:
-                logits = self.decoder.read_chunk(chunk.slot, tokens)[None]  # (1, V)
-            else:
-                every = self.decoder.read_chunk(chunk.slot, tokens, all_positions=True)  # (L, V)
-                event = self.score_prompt(chunk, every)
-                if event is not None:
-                    output.prompt_logprobs[chunk.slot] = event
-                logits = every[-1:]  # (1, V)
-        except Exception as error:  # this prompt cannot be read: its slot fails alone
-            logger.exception("reading the prompt of request %d failed", chunk.request.id)
-            output.errors[chunk.slot] = f"reading the prompt failed: {error}"
-            return None
-        output.read.append(chunk)
-        return logits
+    def read_chunks(self, chunks: list[PromptChunk], output: StepOutput) -> list[Tensor | None]:
+        """Read every chunk of the step in one call -> for each, the logits (V,) after its last token, or None
+        where it failed. If the call raises, each chunk is read alone and one that raises again fails its slot.
+        Requests that want prompt logprobs get those of their chunk in `output.prompt_logprobs`."""
+        if len(chunks) > 1:
+            try:
+                return self.read_together(chunks, output)
+            except Exception:
+                logger.exception("reading %d prompt chunks together failed; reading each alone", len(chunks))
+        read: list[Tensor | None] = []
+        for chunk in chunks:
+            try:
+                read += self.read_together([chunk], output)
+            except Exception as error:  # this prompt cannot be read: its slot fails alone
+                logger.exception("reading the prompt of request %d failed", chunk.request.id)
+                output.errors[chunk.slot] = f"reading the prompt failed: {error}"
+                read.append(None)
+        return read
+
+    def read_together(self, chunks: list[PromptChunk], output: StepOutput) -> list[Tensor]:
+        """Read chunks in one Decoder call -> the logits (V,) after each; raises if the call does, having
+        changed no slot's position (the ring entries it wrote are written again, the same, by a retry)."""
+        if self.faults is not None:
+            self.faults.check_prompt_chunks([chunk.request for chunk in chunks])
+        scoring = [chunk.request.prompt_logprobs is not None for chunk in chunks]
+        read = self.decoder.read_chunks(
+            [chunk.slot for chunk in chunks],
+            [torch.tensor(chunk.tokens, device=self.device) for chunk in chunks],  # (L_b,) each
+            scoring,
+        )  # (V,), or (L_b, V) for a scoring chunk
+        events = {}  # by slot: none is kept unless the whole read succeeds
+        for chunk, logits, score in zip(chunks, read, scoring, strict=True):
+            event = self.score_prompt(chunk, logits) if score else None
+            if event is not None:
+                events[chunk.slot] = event
+        output.prompt_logprobs.update(events)
+        output.read += chunks
+        return [logits[-1] if score else logits for logits, score in zip(read, scoring, strict=True)]
 
     def score_prompt(self, chunk: PromptChunk, logits: Tensor) -> PromptLogprobsEvent | None:
         """The logprobs of the prompt tokens that the chunk's logits (L, V) predict: row i predicts token

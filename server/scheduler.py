@@ -144,6 +144,7 @@ class Scheduler:
         chunk_end: Callable[[int, int], int],
         reading_start: Callable[[EngineRequest], int] | None = None,
         context_limit: int | None = None,
+        prompt_tokens_per_step: int | None = None,
         stream_buffer: int = 64,
         stall_timeout: float = 120.0,
         clock: Callable[[], float] = time.perf_counter,
@@ -153,6 +154,7 @@ class Scheduler:
         self.chunk_end = chunk_end  # (prompt position, prompt length) -> end of the chunk read from there
         self.reading_start = reading_start  # request -> its first prompt token to read (None: always 0)
         self.context_limit = context_limit
+        self.prompt_tokens_per_step = prompt_tokens_per_step  # None: every prefilling slot reads a chunk
         self.stream_buffer = stream_buffer
         self.stall_timeout = stall_timeout
         self.clock = clock
@@ -229,19 +231,30 @@ class Scheduler:
                     self.finish(index, "cancelled")
 
     def plan(self) -> StepPlan:
-        """The next chunk of every prompt still being read, and a decode row for every generating slot whose
+        """The prompt chunks of this step (see prompt_chunks), and a decode row for every generating slot whose
         reader keeps up (a slot whose reader has not read for `stall_timeout` seconds is ended here)."""
-        plan = StepPlan()
+        plan = StepPlan(prompt_chunks=self.prompt_chunks())
         for index, slot in enumerate(self.slots):
-            if slot is None:
-                continue
-            prompt = slot.request.prompt
-            if slot.prefilled < len(prompt):
-                end = self.chunk_end(slot.prefilled, len(prompt))
-                plan.prompt_chunks.append(PromptChunk(index, slot.request, slot.prefilled, end))
-            elif slot.next_token is not None and not self.waits_for_reader(index, slot):
+            generating = slot is not None and slot.prefilled == len(slot.request.prompt) and slot.next_token is not None
+            if generating and not self.waits_for_reader(index, slot):
                 plan.decode_rows.append(DecodeRow(index, slot.request, slot.next_token))
         return plan
+
+    def prompt_chunks(self) -> list[PromptChunk]:
+        """The next chunk of each prompt still being read, earliest admitted first, while they fit
+        `prompt_tokens_per_step` (the first always does: every step reads some prompt while one waits). The
+        budget bounds how long a step, and so each running stream's next token, waits on prompts."""
+        reading = [index for index, slot in enumerate(self.slots) if slot and slot.prefilled < len(slot.request.prompt)]
+        reading.sort(key=lambda index: self.slots[index].request.started_at)
+        chunks, tokens = [], 0
+        for index in reading:
+            slot = self.slots[index]
+            end = self.chunk_end(slot.prefilled, len(slot.request.prompt))
+            tokens += end - slot.prefilled
+            if chunks and self.prompt_tokens_per_step is not None and tokens > self.prompt_tokens_per_step:
+                break
+            chunks.append(PromptChunk(index, slot.request, slot.prefilled, end))
+        return chunks
 
     def waits_for_reader(self, index: int, slot: Slot) -> bool:
         """Whether the slot's reader is `stream_buffer` events behind; past `stall_timeout` it is ended."""

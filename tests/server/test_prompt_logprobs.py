@@ -185,8 +185,9 @@ def test_scoring_beside_generating_requests_leaves_their_text_alone(model) -> No
 
 
 def test_a_scoring_chunk_that_fails_fails_its_request_alone(model) -> None:
-    """The output head fails whenever it projects more than one position, which only scoring does: the scoring
-    request ends with an error, the others run to their end."""
+    """The output head fails whenever it projects a whole chunk's positions, which only scoring does: the read
+    of the three chunks together fails, each is read again alone, and only the scoring request ends with an
+    error; the others run to their end."""
     prompts = [random_prompt(20, 20), random_prompt(20, 21), random_prompt(5, 22)]
 
     def requests_of(loop, events) -> list[EngineRequest]:
@@ -203,7 +204,7 @@ def test_a_scoring_chunk_that_fails_fails_its_request_alone(model) -> None:
         project = layers.logits
 
         def fail_on_many_positions(hidden: torch.Tensor) -> torch.Tensor:
-            if hidden.shape[1] > 1:
+            if hidden.shape[1] == 8:  # a chunk's positions (the last tokens of three chunks are 3)
                 failures.append(hidden.shape[1])
                 raise RuntimeError("the output head failed")
             return project(hidden)
@@ -211,7 +212,7 @@ def test_a_scoring_chunk_that_fails_fails_its_request_alone(model) -> None:
         layers.logits = fail_on_many_positions
 
     seen, _ = run(model, requests_of, prepare=break_the_output_head, prefill_chunk=8)
-    assert failures == [8]  # the scoring request's first chunk, and nothing after it
+    assert failures == [8, 8]  # the scoring request's first chunk, together then alone, and nothing after it
     assert seen[1][-1].reason == "error" and "reading the prompt failed" in seen[1][-1].message
     assert not any(isinstance(event, (TokenEvent, PromptLogprobsEvent)) for event in seen[1])
     for tag in (0, 2):
