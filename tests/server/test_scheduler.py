@@ -195,6 +195,34 @@ def test_a_prompt_is_read_one_chunk_per_step_then_decoded_a_token_per_step() -> 
     assert s.slots == [None]
 
 
+def test_prompts_share_a_step_within_the_prompt_token_budget_earliest_admitted_first() -> None:
+    """Budget 6, chunk 4: a step reads chunks while their tokens fit, earliest admitted first; the first always
+    does, and a step stops at the first that does not fit (no later, smaller one jumps the queue)."""
+    clock = Clock()
+    s = scheduler(num_slots=3, max_queue=0, prompt_tokens_per_step=6, clock=clock)
+    late = request(prompt_length=9, tag=0)
+    s.add([late])
+    admit_all(s)  # slot 0, admitted at 0
+    s.slots[0].request.started_at = 5.0  # as if admitted after the two below
+    first, second = request(prompt_length=2, tag=1), request(prompt_length=6, tag=2)
+    s.add([first, second])
+    admit_all(s)  # slots 1 and 2, admitted at 0
+    chunks, _ = run_step(s)
+    assert [(c.request.tag, c.start, c.end) for c in chunks] == [(1, 0, 2), (2, 0, 4)]  # 2 + 4; late's 4 waits
+    chunks, _ = run_step(s)
+    assert [(c.request.tag, c.start, c.end) for c in chunks] == [(2, 4, 6), (0, 0, 4)]  # 2 + 4
+    chunks, _ = run_step(s)
+    assert [(c.request.tag, c.start, c.end) for c in chunks] == [(0, 4, 8)]
+    big = scheduler(num_slots=2, prompt_tokens_per_step=1)
+    big.add([request(prompt_length=9, tag=0), request(prompt_length=9, tag=1)])
+    admit_all(big)
+    assert [(c.request.tag, c.end) for c in run_step(big)[0]] == [(0, 4)]  # over the budget, alone
+    unbounded = scheduler(num_slots=2)
+    unbounded.add([request(prompt_length=9, tag=0), request(prompt_length=9, tag=1)])
+    admit_all(unbounded)
+    assert len(run_step(unbounded)[0]) == 2
+
+
 def test_generation_ends_at_the_exact_context_limit() -> None:
     """A prompt of 6 in a context of 8: tokens fed at 6 and 7, so 3 tokens, then "length" (max_tokens 100)."""
     s = scheduler(num_slots=1, context_limit=8)
