@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.bench.arrivals import add_arrivals_bench_arguments
     from server.bench.chat import add_chat_bench_arguments
     from server.bench.decode import add_decode_bench_arguments
     from server.bench.prompt import add_prompt_bench_arguments
     from server.bench.serve import add_serve_bench_arguments
     from server.bench.soak import add_soak_bench_arguments
+    from server.bench.threads import add_threads_bench_arguments
     from server.config import add_settings_arguments
     from server.generate_command import add_generate_arguments
     from weights.convert import add_convert_arguments
@@ -38,20 +41,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_soak_bench_arguments(bench_kinds.add_parser("soak", help="a bounded load of careless and hostile clients"))
     add_chat_bench_arguments(bench_kinds.add_parser("chat", help="per-token latency of chat against completions"))
     add_prompt_bench_arguments(bench_kinds.add_parser("prompt", help="time to first token against prompt length"))
+    add_arrivals_bench_arguments(bench_kinds.add_parser("arrivals", help="what simultaneous prompts cost"))
+    add_threads_bench_arguments(bench_kinds.add_parser("threads", help="decode speed against thread settings"))
     return parser
 
 
+def choose_wait_policy() -> None:
+    """How torch's OpenMP threads wait between parallel regions, set before torch is first imported (the runtime
+    reads it once): the OpenMP runtime's own unless OMP_WAIT_POLICY is set; set empty, the runtime's own."""
+    if os.environ.get("OMP_WAIT_POLICY") == "":
+        del os.environ["OMP_WAIT_POLICY"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    choose_wait_policy()
     args = build_parser().parse_args(argv)
     if args.command == "bench":
+        from server.bench.arrivals import run_arrivals_bench
         from server.bench.chat import run_chat_bench
         from server.bench.decode import run_decode_bench
         from server.bench.prompt import run_prompt_bench
         from server.bench.serve import run_serve_bench
         from server.bench.soak import run_soak_bench
+        from server.bench.threads import run_threads_bench
 
         benches = {"decode": run_decode_bench, "serve": run_serve_bench, "soak": run_soak_bench}
-        benches.update(chat=run_chat_bench, prompt=run_prompt_bench)
+        benches.update(chat=run_chat_bench, prompt=run_prompt_bench, arrivals=run_arrivals_bench)
+        benches.update(threads=run_threads_bench)
         run = benches[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     )
     prefill_chunk: int | None = Field(None, ge=1, description="prompt tokens per prefill step (a window multiple)")
     prompt_tokens_per_step: int = Field(
-        1024,
+        512,
         ge=1,
         description="most prompt tokens one step reads, over all prompts being read (at least one chunk): bounds "
         "how long running streams wait for their next token while prompts arrive",

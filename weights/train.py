@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from model import LocalTransformer
 from model.chat_template import ChatTemplate
+from model.threads import configure_threads
 from weights.byte_inputs import autocast, bytes_tensor
 from weights.checkpoint_config import CheckpointError
 from weights.data import Corpus, DataError, combine, file_corpus, shakespeare_corpus
@@ -288,7 +289,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.stop_after is not None and args.stop_after < 1:
             raise TrainError("--stop-after must be at least 1")
         chat_template = resolve_chat_template(args, out if state is not None else None)
-        torch.set_num_threads(options.threads)
+        configure_threads(options.threads)
         trainer = Trainer(settings, corpus, out, options, state, chat_template)
     except (DataError, TrainError, TrainStateError, CheckpointError) as error:
         print(f"windowlm train: {error}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 TrainSettings decide the weights a run produces: a resumed run keeps every one, and giving a different value
 is an error. RunOptions decide what a run reports and on how many threads: a resumed run keeps the recorded
-values unless new ones are given. Both kinds of argument default to None so a resumed run can tell which were
+values unless new ones are given, except the threads, which follow the host the run is on (WINDOWLM_THREADS,
+else the CPUs the process may use, as for every command). Both kinds of argument default to None so a resumed run can tell which were
 given; a new run fills in the dataclass defaults. The chat template (--chat-template) is stored in the
 checkpoint and changes no weight: a resumed run keeps the one its checkpoint holds unless a new one is given.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.chat_template import ChatTemplate
+from model.threads import default_threads
 from model.tokenizer import VOCAB_SIZE
 from weights.checkpoint_config import ModelConfig
 from weights.io import add_chat_template_arguments, chat_template_from_args, read_config
@@ -94,7 +96,7 @@ class RunOptions:
     eval_seq_len: int = 2048  # window of the final whole-text evaluation
     sample_every: int = 1000  # steps between printed samples; 0: never
     sample_bytes: int = 256
-    threads: int = 1
+    threads: int | None = None  # None: WINDOWLM_THREADS, else the CPUs this process may use (model.threads)
 
     def validate(self) -> None:
         for name in ("eval_every", "eval_batches", "eval_seq_len", "sample_bytes", "threads"):
@@ -113,6 +115,7 @@ HELP = {
     "eval_batches": "held-out estimate over eval_batches * batch_size fixed windows",
     "eval_seq_len": "window length of the final whole held-out text evaluation",
     "sample_every": "steps between printed samples (0: never)",
+    "threads": "torch CPU threads (default: WINDOWLM_THREADS, else the CPUs this process may use)",
 }
 
 
@@ -136,7 +139,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_fields(group: argparse._ArgumentGroup, cls: type) -> None:
     for field in dataclasses.fields(cls):
-        text = f"{HELP.get(field.name, '')} (default {field.default})".strip()
+        default = "" if field.default is None else f" (default {field.default})"
+        text = f"{HELP.get(field.name, '')}{default}".strip()
         if field.type == "bool":
             group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -165,8 +169,10 @@ def resolve_options(args: argparse.Namespace, recorded: dict[str, Any] | None) -
     values = {}
     for field in dataclasses.fields(RunOptions):
         given = getattr(args, field.name)
-        fallback = field.default if recorded is None else recorded[field.name]
+        fallback = field.default if recorded is None or field.name == "threads" else recorded[field.name]
         values[field.name] = fallback if given is None else given
+    if values["threads"] is None:
+        values["threads"] = default_threads()
     options = RunOptions(**values)
     options.validate()
     return options

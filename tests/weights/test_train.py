@@ -199,3 +199,21 @@ def test_shakespeare_training_records_the_held_out_plays(tmp_path: Path) -> None
     card = render_model_card(out)
     assert f"{record['validation']['bits_per_byte']:.4f}" in card
     assert f"`{record['held_out_works'][0]}`" in card and "| 2 |" in card
+
+
+def test_train_threads_follow_the_host_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --threads: WINDOWLM_THREADS, else the CPUs the process may use, like every command; a resumed run
+    follows the host it runs on, not the count recorded on another."""
+    from model.threads import available_cpus
+    from weights.train_settings import resolve_options
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    bare = parser.parse_args(["--out", "x"])
+    recorded = dict(vars(resolve_options(parser.parse_args(["--out", "x", "--threads", "7"]), None)))
+    monkeypatch.setenv("WINDOWLM_THREADS", "3")
+    assert resolve_options(bare, None).threads == 3
+    assert resolve_options(bare, recorded).threads == 3
+    assert resolve_options(parser.parse_args(["--out", "x", "--threads", "2"]), recorded).threads == 2
+    monkeypatch.delenv("WINDOWLM_THREADS")
+    assert resolve_options(bare, None).threads == available_cpus()
