@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 
 from model.chat_template import ChatTemplate
@@ -27,6 +28,7 @@ from server.openapi import install_openapi
 from server.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.routes import chat, completions, health, models, tokens
 from server.state import ServerState
+from server.thread_tuner import thread_tuner
 from weights.io import load_checkpoint
 
 logger = logging.getLogger("windowlm.server")
@@ -37,6 +39,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
     model, _ = load_checkpoint(settings.weights, device=device, dtype=dtype)
     logger.info("loaded %s from %s on %s (%s)", settings.served_model_name(), settings.weights, device, dtype)
+    metrics.torch_threads.set(torch.get_num_threads())
     return Engine(
         model,
         max_batch_size=settings.max_batch_size,
@@ -48,6 +51,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         stream_buffer=settings.stream_buffer,
         stall_timeout=settings.stall_timeout,
         faults=FaultInjector.from_environment(),
+        thread_tuner=thread_tuner(threads_given=settings.threads is not None),
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -46,15 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def choose_wait_policy() -> None:
-    """How torch's OpenMP threads wait between parallel regions, set before torch is first imported (the runtime
-    reads it once): the OpenMP runtime's own unless OMP_WAIT_POLICY is set; set empty, the runtime's own."""
-    if os.environ.get("OMP_WAIT_POLICY") == "":
-        del os.environ["OMP_WAIT_POLICY"]
-
-
 def main(argv: list[str] | None = None) -> int:
-    choose_wait_policy()
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         from server.bench.arrivals import run_arrivals_bench

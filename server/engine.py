@@ -28,6 +28,7 @@ from server.faults import FaultInjector
 from server.metrics import Metrics
 from server.runner import ModelRunner
 from server.scheduler import EngineOverloaded, Scheduler
+from server.thread_tuner import ThreadTuner
 
 __all__ = [
     "Engine",
@@ -62,6 +63,7 @@ class Engine:
         stall_timeout: float = 120.0,
         faults: FaultInjector | None = None,
         read_whole_prompt: bool = False,
+        thread_tuner: ThreadTuner | None = None,
     ) -> None:
         self.runner = ModelRunner(
             model,
@@ -82,6 +84,7 @@ class Engine:
         )
         self.metrics = metrics
         self.faults = faults
+        self.thread_tuner = thread_tuner  # None: the threads stay as they are
         self.wakeup = threading.Condition()
         self.accepting = True
         self.running = False
@@ -188,6 +191,8 @@ class Engine:
 
     def step(self) -> bool:
         """One round of the loop; False when it had nothing to do but wait for readers."""
+        if self.thread_tuner is not None:
+            self.metrics.torch_threads.set(self.thread_tuner.update())
         scheduler = self.scheduler
         scheduler.release()
         with self.wakeup:  # only the queue under the lock: the event loop's submit waits for it

@@ -91,6 +91,7 @@ class Metrics:
         )
         self.kv_slots_used = Gauge("windowlm_kv_slots_used", "KV cache slots in use", registry=r)
         self.kv_slots_capacity = Gauge("windowlm_kv_slots_capacity", "KV cache slots in all", registry=r)
+        self.torch_threads = Gauge("windowlm_torch_threads", "torch CPU threads the engine runs on", registry=r)
         self.prompt_tokens_total = Counter("windowlm_prompt_tokens", "Prompt tokens of the sequences", registry=r)
         self.prompt_tokens_read_total = Counter(
             "windowlm_prompt_tokens_read",

@@ -1,12 +1,14 @@
 """`windowlm bench threads`: decode speed against torch's thread count and OpenMP wait policy, on a quiet machine
 and beside one CPU-bound process, as JSON.
 
-One `windowlm serve` per setting: the default (no WINDOWLM_THREADS: the CPUs this process may use), each count
-of `--counts`, and the default threads under each OpenMP wait policy of `--wait-policies` (`default`: the
-OpenMP runtime's own, the variable set empty). Each is measured in turns with the others, `--rounds` times:
-one stream's tokens/s, then `--streams` streams' aggregate tokens/s (greedy, `--tokens` each). Then the same
-with a competing process spinning on one CPU. Reported: the median of each, and for each situation how far
-the default is from the best setting.
+Settings: the default (no WINDOWLM_THREADS: the CPUs this process may use, less those other processes keep
+busy, see server/thread_tuner.py), each fixed count of `--counts`, and the default under each OpenMP wait
+policy of `--wait-policies` (the runtime's own policy spins a while before it sleeps). Each round starts one
+`windowlm serve` per setting in turn, alone on the machine (an idle server's spinning threads would slow the
+one measured), streams for `--settle` seconds (the default's threads follow the host within about two), and
+measures one stream's tokens/s, then `--streams` streams' aggregate tokens/s (greedy, `--tokens` each). Then
+the same with a competing process spinning on one CPU. Reported: the median over `--rounds` of each, and for
+each situation the default's share of the best setting's figure.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +59,22 @@ def competitor() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def measure(ports: dict[str, int], args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Median tokens/s of one stream and of `streams` streams for each server, rounds in turns."""
-    seen: dict[str, dict[str, list[float]]] = {name: {"one": [], "many": []} for name in ports}
+def measure(root: Path, weights: Path, chosen: dict[str, dict[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+    """Median tokens/s of one stream and of `streams` streams for each setting, rounds in turns."""
+    seen: dict[str, dict[str, list[float]]] = {name: {"one": [], "many": []} for name in chosen}
     for _ in range(args.rounds):
-        for name, port in ports.items():
-            seen[name]["one"].append(asyncio.run(one_round(port, 1, args.tokens))["tokens_per_second"])
-            seen[name]["many"].append(asyncio.run(one_round(port, args.streams, args.tokens))["tokens_per_second"])
+        for name, environment in chosen.items():
+            process, port = start_with(root, weights, environment)
+            try:
+                settle = time.monotonic() + args.settle
+                while time.monotonic() < settle:
+                    asyncio.run(one_round(port, 1, 32))
+                seen[name]["one"].append(asyncio.run(one_round(port, 1, args.tokens))["tokens_per_second"])
+                many = asyncio.run(one_round(port, args.streams, args.tokens))
+                seen[name]["many"].append(many["tokens_per_second"])
+            finally:
+                process.terminate()
+                process.wait(60)
     return {
         name: {
             "one_stream_tokens_per_second": statistics.median(values["one"]),
@@ -82,21 +94,13 @@ def run_threads_bench(args: argparse.Namespace) -> dict[str, Any]:
     weights, here = Path(args.weights), Path(__file__).resolve().parents[2]
     machine = machine_state()
     chosen = settings(args.counts, args.wait_policies)
-    servers = {name: start_with(here, weights, environment) for name, environment in chosen.items()}
-    ports = {name: port for name, (_, port) in servers.items()}
+    quiet = measure(here, weights, chosen, args)
+    busy = competitor()
     try:
-        asyncio.run(one_round(ports["default"], 1, 8))  # warm up
-        quiet = measure(ports, args)
-        busy = competitor()
-        try:
-            loaded = measure(ports, args)
-        finally:
-            busy.kill()
-            busy.wait()
+        loaded = measure(here, weights, chosen, args)
     finally:
-        for process, _ in servers.values():
-            process.terminate()
-            process.wait(60)
+        busy.kill()
+        busy.wait()
     report = {
         "machine": machine,
         "weights": str(weights),
@@ -120,9 +124,10 @@ def add_threads_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait-policies",
         type=lambda text: text.split(","),
-        default=["default", "PASSIVE", "ACTIVE"],
-        help="OpenMP wait policies tried with the default threads (default: the runtime's own)",
+        default=["PASSIVE", "ACTIVE"],
+        help="OpenMP wait policies tried with the default threads",
     )
+    parser.add_argument("--settle", type=float, default=3.0, help="seconds of streaming before each measurement")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--streams", type=int, default=4, help="concurrent streams of the aggregate figure")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of every setting, in turns")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every setting, in turns")
