@@ -150,7 +150,7 @@ def _render_failure(error: BaseException) -> ChatTemplateError:
 
 def _text_of(content: Any, index: int) -> str:
     """A message's content as one string: a string, null (an assistant turn with only tool calls), or a list
-    of text parts (`{"type": "text", "text": ...}`), joined."""
+    of text parts (`{"type": "text", "text": ...}`), joined by newlines (as the server joins them)."""
     if isinstance(content, str):
         return content
     if content is None:
@@ -158,7 +158,7 @@ def _text_of(content: Any, index: int) -> str:
     if isinstance(content, list) and all(
         isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
     ):
-        return "".join(part["text"] for part in content)
+        return "\n".join(part["text"] for part in content)
     raise ChatTemplateError(f"messages[{index}].content must be a string or a list of text parts")
 
 

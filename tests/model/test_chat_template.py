@@ -68,11 +68,11 @@ def test_the_default_names_roles_and_answers_as_the_assistant_without_a_name() -
 
 def test_content_parts_and_null_content_become_strings() -> None:
     messages = [
-        {"role": "user", "content": [{"type": "text", "text": "Good "}, {"type": "text", "text": "night."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Good"}, {"type": "text", "text": "night."}]},
         {"role": "assistant", "content": None},
     ]
     assert ChatTemplate.default().render(messages, add_generation_prompt=False) == (
-        "USER.\nGood night.\n\nASSISTANT.\n\n\n"
+        "USER.\nGood\nnight.\n\nASSISTANT.\n\n\n"
     )
     with pytest.raises(ChatTemplateError, match=r"messages\[0\]\.content must be a string or a list of text parts"):
         ChatTemplate.default().render([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}])
