@@ -5,7 +5,7 @@ Server-Sent Events or collected whole, with cancellation when the client leaves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -88,7 +88,7 @@ class GenerationRun:
         choice_json: Callable[[ChoiceDelta], dict],
         options: StreamOptions | None,
         idle_seconds: float,
-        openers: list[dict] = (),  # type: ignore[assignment]
+        openers: Sequence[dict] = (),
     ) -> AsyncIterator[str]:
         """Server-Sent Events: `chunk(choices, extra)` frames one chunk, `choice_json` one choice's delta.
 
