@@ -3,9 +3,10 @@
 TrainSettings decide the weights a run produces: a resumed run keeps every one, and giving a different value
 is an error. RunOptions decide what a run reports and on how many threads: a resumed run keeps the recorded
 values unless new ones are given, except the threads, which follow the host the run is on (WINDOWLM_THREADS,
-else the CPUs the process may use, as for every command). Both kinds of argument default to None so a resumed run can tell which were
-given; a new run fills in the dataclass defaults. The chat template (--chat-template) is stored in the
-checkpoint and changes no weight: a resumed run keeps the one its checkpoint holds unless a new one is given.
+else the CPUs the process may use, as for every command). Both kinds of argument default to None so a resumed
+run can tell which were given; a new run fills in the dataclass defaults. The chat template (--chat-template)
+is stored in the checkpoint and changes no weight: a resumed run keeps the one its checkpoint holds unless a
+new one is given.
 """
 
 from __future__ import annotations
