@@ -2,9 +2,10 @@
 
 TrainSettings decide the weights a run produces: a resumed run keeps every one, and giving a different value
 is an error. RunOptions decide what a run reports and on how many threads: a resumed run keeps the recorded
-values unless new ones are given, except the threads, which follow the host the run is on (WINDOWLM_THREADS,
-else the CPUs the process may use, as for every command). Both kinds of argument default to None so a resumed
-run can tell which were given; a new run fills in the dataclass defaults. The chat template (--chat-template)
+values unless new ones are given (the thread count changes float rounding: a run resumed on the recorded count
+ends exactly where an uninterrupted one does). A new run's threads default to WINDOWLM_THREADS, else the CPUs
+the process may use, as for every command. Both kinds of argument default to None so a resumed run can tell
+which were given; a new run fills in the dataclass defaults. The chat template (--chat-template)
 is stored in the checkpoint and changes no weight: a resumed run keeps the one its checkpoint holds unless a
 new one is given.
 """
@@ -116,7 +117,7 @@ HELP = {
     "eval_batches": "held-out estimate over eval_batches * batch_size fixed windows",
     "eval_seq_len": "window length of the final whole held-out text evaluation",
     "sample_every": "steps between printed samples (0: never)",
-    "threads": "torch CPU threads (default: WINDOWLM_THREADS, else the CPUs this process may use)",
+    "threads": "torch CPU threads (default: WINDOWLM_THREADS, else the CPUs this process may use; resumed: its own)",
 }
 
 
@@ -170,7 +171,7 @@ def resolve_options(args: argparse.Namespace, recorded: dict[str, Any] | None) -
     values = {}
     for field in dataclasses.fields(RunOptions):
         given = getattr(args, field.name)
-        fallback = field.default if recorded is None or field.name == "threads" else recorded[field.name]
+        fallback = field.default if recorded is None else recorded[field.name]
         values[field.name] = fallback if given is None else given
     if values["threads"] is None:
         values["threads"] = default_threads()

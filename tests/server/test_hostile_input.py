@@ -123,9 +123,10 @@ def test_malformed_json_names_the_position_and_no_param(server: ServerProcess, b
 
 
 def timed_while_health_answers(server: ServerProcess, send) -> tuple[httpx.Response, float, float]:
-    """Send a request and, while it is in flight, time /health; -> (response, request seconds, worst /health)."""
+    """Send a request and, while it is in flight, time /health; -> (response, request seconds, worst /health).
+    The request is sent once the prober has its first answer, so the two overlap however busy the machine."""
     health_times: list[float] = []
-    done = threading.Event()
+    done, probing = threading.Event(), threading.Event()
 
     def probe() -> None:
         with httpx.Client(timeout=10) as client:
@@ -133,10 +134,12 @@ def timed_while_health_answers(server: ServerProcess, send) -> tuple[httpx.Respo
                 started = time.perf_counter()
                 client.get(f"{server.url}/health")
                 health_times.append(time.perf_counter() - started)
+                probing.set()
 
     prober = threading.Thread(target=probe)
     prober.start()
     try:
+        assert probing.wait(30), "/health did not answer"
         started = time.perf_counter()
         response = send()
         elapsed = time.perf_counter() - started

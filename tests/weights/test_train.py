@@ -203,7 +203,7 @@ def test_shakespeare_training_records_the_held_out_plays(tmp_path: Path) -> None
 
 def test_train_threads_follow_the_host_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
     """No --threads: WINDOWLM_THREADS, else the CPUs the process may use, like every command; a resumed run
-    follows the host it runs on, not the count recorded on another."""
+    keeps its recorded count (so that it ends where an uninterrupted run does) unless one is given."""
     from model.threads import available_cpus
     from weights.train_settings import resolve_options
 
@@ -213,7 +213,7 @@ def test_train_threads_follow_the_host_unless_given(monkeypatch: pytest.MonkeyPa
     recorded = dict(vars(resolve_options(parser.parse_args(["--out", "x", "--threads", "7"]), None)))
     monkeypatch.setenv("WINDOWLM_THREADS", "3")
     assert resolve_options(bare, None).threads == 3
-    assert resolve_options(bare, recorded).threads == 3
+    assert resolve_options(bare, recorded).threads == 7
     assert resolve_options(parser.parse_args(["--out", "x", "--threads", "2"]), recorded).threads == 2
     monkeypatch.delenv("WINDOWLM_THREADS")
     assert resolve_options(bare, None).threads == available_cpus()
