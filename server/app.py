@@ -26,7 +26,7 @@ from server.gate import RequestGate, open_without_key
 from server.metrics import Metrics
 from server.openapi import install_openapi
 from server.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.routes import chat, completions, health, models, tokens
+from server.routes import chat, completions, health, models, playground, tokens
 from server.state import ServerState
 from server.thread_tuner import thread_tuner
 from weights.io import load_checkpoint
@@ -82,6 +82,8 @@ def create_app(
     install_error_handlers(app)
     for router in (completions.router, chat.router, models.router, tokens.router, health.router):
         app.include_router(router)
+    if settings.playground:
+        app.include_router(playground.playground_router())
     app.add_middleware(RequestGate, state=state)
     open_paths = open_without_key(settings) if digests else None
     install_openapi(

@@ -1,4 +1,4 @@
-"""The `windowlm` command line: serve, generate, bench."""
+"""The `windowlm` command line: serve, generate, chat, train, convert, bench."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from server.bench.serve import add_serve_bench_arguments
     from server.bench.soak import add_soak_bench_arguments
     from server.bench.threads import add_threads_bench_arguments
+    from server.chat_command import add_chat_arguments
     from server.config import add_settings_arguments
     from server.generate_command import add_generate_arguments
     from weights.convert import add_convert_arguments
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(serve)
 
     add_generate_arguments(commands.add_parser("generate", help="stream a completion of a prompt to stdout"))
+    add_chat_arguments(
+        commands.add_parser("chat", help="a conversation in the terminal, with a server or a checkpoint")
+    )
 
     add_train_arguments(commands.add_parser("train", help="train a byte-level model and write a checkpoint"))
     add_convert_arguments(
@@ -66,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.generate_command import run_generate
 
         return run_generate(args)
+    if args.command == "chat":
+        from server.chat_command import run_chat
+
+        return run_chat(args)
     if args.command == "train":
         from weights.train import run_train
 

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(None, description="file with one API key per line (keeps keys out of ps)")
     public_metrics: bool = Field(False, description="serve /metrics without the API key")
     public_docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json without the API key")
+    playground: bool = Field(True, description="serve the browser playground at /")
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="largest request body; larger ones get 413")
     max_header_bytes: int = Field(16384, ge=1024, description="largest request head (request line and headers)")
     max_headers: int = Field(100, ge=8, description="most header fields in one request")

@@ -6,9 +6,9 @@ count and arrival time are bounded earlier, by server/http_protocol.py):
    too) and held in `request_id` for the access log line; count it by endpoint and status (whatever the
    answer);
 2. while draining, 503 for everything but the probes and /metrics;
-3. the API key, when the server has keys, on every route but /health and /ready (and /metrics or the docs when
-   a setting opens them), read from the headers before one byte of the body is: 401 with
-   `WWW-Authenticate: Bearer`; keys are compared as SHA-256 digests in constant time;
+3. the API key, when the server has keys, on every route but /health, /ready and the playground's page and
+   assets (and /metrics or the docs when a setting opens them), read from the headers before one byte of the
+   body is: 401 with `WWW-Authenticate: Bearer`; keys are compared as SHA-256 digests in constant time;
 4. the body, read whole up to `max_body_bytes` (413 as soon as Content-Length or the bytes received pass it,
    chunked bodies included), then handed to the route as if it came from the socket.
 """
@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
 from server.errors import APIError, InvalidRequest, Unauthorized, Unavailable, error_response
+from server.routes.playground import playground_paths
 from server.state import ServerState
 
 logger = logging.getLogger("windowlm.server")
@@ -60,8 +61,10 @@ class PayloadTooLarge(APIError):
 
 
 def open_without_key(settings: Settings) -> set[str]:
-    """The paths a server with API keys answers without one."""
-    return PROBES | ({"/metrics"} if settings.public_metrics else set()) | (DOCS if settings.public_docs else set())
+    """The paths a server with API keys answers without one: the probes, the playground's page and assets (they
+    hold no data; the API calls the page makes need the key), and /metrics or the docs when a setting opens them."""
+    paths = PROBES | (playground_paths() if settings.playground else set())
+    return paths | ({"/metrics"} if settings.public_metrics else set()) | (DOCS if settings.public_docs else set())
 
 
 def endpoint_label(path: str) -> str:

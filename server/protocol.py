@@ -222,6 +222,15 @@ class ModelCard(BaseModel):
     max_model_len: int | None = Field(None, description="context limit; None when the model has none")
     window_size: int
     look_backward: int
+    depth: int = Field(description="attention layers in the model")
+    attention_span: int = Field(
+        description="positions one query of one layer sees at most, its own included: window_size * look_backward "
+        "+ 1 for exact windows, window_size * (look_backward + 1) for bucketed ones"
+    )
+    receptive_field: int | None = Field(
+        description="the last tokens of a text the next token can depend on (depth * window_size * look_backward "
+        "+ 1); null when unbounded"
+    )
     cpu_threads: int = Field(description="torch's CPU threads in this server")
     chat_template: Literal["checkpoint", "setting", "default"] = Field(
         description="the template /v1/chat/completions renders conversations with: the checkpoint's, the server's "

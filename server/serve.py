@@ -173,7 +173,9 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     http.start()
     port = sock.getsockname()[1]
-    print(f"windowlm: serving {settings.served_model_name()} at http://{settings.host}:{port}", flush=True)
+    url = f"http://{settings.host}:{port}"
+    playground = f"; the playground at {url}/" if settings.playground else ""
+    print(f"windowlm: serving {settings.served_model_name()} at {url}{playground}", flush=True)
     try:
         state.engine = load_engine(settings, state.metrics)
     except Exception as error:

@@ -14,13 +14,17 @@ router = APIRouter()
 
 
 def model_card(state: StateDep, engine: EngineDep) -> ModelCard:
-    planner = engine.runner.decoder.planner
+    decoder = engine.runner.decoder
+    planner = decoder.planner
     return ModelCard(
         id=state.settings.served_model_name(),
         created=state.started_at,
         max_model_len=engine.context_limit,
         window_size=planner.window_size,
         look_backward=planner.look_backward,
+        depth=len(decoder.model.attention_layers),
+        attention_span=planner.capacity,
+        receptive_field=decoder.reach,
         chat_template=state.chat_template.origin,
         cpu_threads=torch.get_num_threads(),
     )
