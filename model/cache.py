@@ -129,14 +129,16 @@ class SlidingKVCache:
         return StepRings(self, slots, rows, skip=length - kept)
 
     def ragged_rings(self, slots: Slots, first_position: Tensor, length: int, lengths: Tensor) -> StepRings:
-        """step_rings for rows of lengths (B,) padded to `length`: the rows of the tokens kept, (B, heads, L)
-        entries selected by a mask."""
-        offsets = torch.arange(length, device=first_position.device)  # (L,)
+        """step_rings for rows of lengths (B,), on the CPU, padded to `length`: the (B, heads, L) entries of the
+        tokens kept, chosen by an index made on the CPU (no device sync)."""
+        heads = self.first_rows.shape[1]
+        offsets = torch.arange(length)  # (L,)
         kept = (offsets < lengths[:, None]) & (offsets >= lengths[:, None] - self.capacity)  # (B, L)
-        ring = (first_position[:, None] + offsets) % self.capacity  # (B, L)
-        rows = self.first_rows[slots] + ring[:, None, :]  # (B, heads, L)
-        kept = kept[:, None, :].expand_as(rows)  # (B, heads, L)
-        return StepRings(self, slots, rows[kept], skip=0, kept=kept)
+        kept_index = kept[:, None, :].expand(-1, heads, -1).flatten().nonzero().flatten()  # (entries kept,)
+        kept_index = kept_index.to(first_position.device)
+        ring = (first_position[:, None] + offsets.to(first_position.device)) % self.capacity  # (B, L)
+        rows = (self.first_rows[slots] + ring[:, None, :]).flatten()  # (B * heads * L,)
+        return StepRings(self, slots, rows.index_select(0, kept_index), skip=0, kept=kept_index)
 
 
 @dataclass
@@ -151,7 +153,7 @@ class StepRings:
     slots: Slots
     rows: Tensor  # (B * heads * kept,)
     skip: int
-    kept: Tensor | None = None  # (B, heads, L) bool: which new entries are written (rows of different lengths)
+    kept: Tensor | None = None  # of the flattened (B, heads, L) new entries, those written (rows of different lengths)
 
     def read(self, layer: int) -> tuple[Tensor, Tensor]:
         """Keys and values (B, heads, capacity, dim_head) of one layer."""
@@ -159,10 +161,11 @@ class StepRings:
 
     def write(self, layer: int, keys: Tensor, values: Tensor) -> None:
         """Store one layer's new keys and values (B, heads, L, dim_head)."""
+        dim_head = keys.shape[-1]
         if self.skip:
             keys, values = keys[:, :, self.skip :], values[:, :, self.skip :]  # (B, heads, kept, dim_head)
         if self.kept is not None:
-            keys, values = keys[self.kept], values[self.kept]  # (entries kept, dim_head)
-        dim_head = keys.shape[-1]
+            keys = keys.reshape(-1, dim_head).index_select(0, self.kept)  # (entries kept, dim_head)
+            values = values.reshape(-1, dim_head).index_select(0, self.kept)
         self.cache.key_rows[layer].index_copy_(0, self.rows, keys.reshape(-1, dim_head))
         self.cache.value_rows[layer].index_copy_(0, self.rows, values.reshape(-1, dim_head))

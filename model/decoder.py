@@ -6,6 +6,7 @@ business (the server's runner, or `generate`).
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -160,25 +161,36 @@ class Decoder:
         """
         device = self.cache.lengths.device
         index = torch.tensor(slots, device=device)  # (B,)
-        lengths = torch.tensor([len(chunk) for chunk in chunks], device=device)  # (B,)
-        packing = Packing.of(lengths)
+        lengths = [len(chunk) for chunk in chunks]
+        ends = list(itertools.accumulate(lengths))  # each chunk's end in the packed tokens
         every = all_positions or [False] * len(chunks)
         with torch.inference_mode(), self.kernels:
-            positions = self.cache.lengths[index][:, None] + torch.arange(packing.length, device=device)  # (B, L)
-            plan = self.planner.plan(self.cache, index, positions, packing)
-            packed_positions = positions.flatten()[packing.packed_from_padded]  # (T,)
-            tokens = torch.cat(list(chunks)).to(device)[None]  # (1, T)
-            # raises ContextLimitError past max_seq_len
-            x = self.model.embed(tokens, packed_positions[None])  # (1, T, dim)
-            hidden = self.layers.run(x, plan)  # (1, T, dim)
-            ends = torch.cumsum(lengths, 0)  # (B,)
-            logits = self.layers.logits(hidden[:, ends - 1])[0]  # (B, V)
+            positions = self.cache.lengths[index][:, None] + torch.arange(max(lengths), device=device)  # (B, L)
+            hidden = self.packed_hidden_states(index, chunks, lengths, positions)  # (1, T, dim)
+            logits = self.layers.logits(hidden[:, [end - 1 for end in ends]])[0]  # (B, V)
             read = [
-                self.layers.logits(hidden[:, end - len(chunk) : end])[0] if every[row] else logits[row]
-                for row, (chunk, end) in enumerate(zip(chunks, ends.tolist(), strict=True))
+                self.layers.logits(hidden[:, end - length : end])[0] if every[row] else logits[row]
+                for row, (length, end) in enumerate(zip(lengths, ends, strict=True))
             ]  # (L_b, V) or (V,) each
-            self.cache.lengths[index] += lengths
+            self.cache.lengths[index] += torch.tensor(lengths, device=device)
         return read
+
+    def packed_hidden_states(
+        self, index: Tensor, chunks: Sequence[Tensor], lengths: list[int], positions: Tensor
+    ) -> Tensor:
+        """The final hidden states (1, T, dim) of chunks (L_b,) read into slots `index` (B,) from positions
+        (B, L), end to end; stores their keys and values. Chunks of one length run as a plain batch."""
+        device = positions.device
+        # the embedding raises ContextLimitError past max_seq_len
+        if len(set(lengths)) == 1:  # nothing to pad
+            plan = self.planner.plan(self.cache, index, positions)
+            x = self.model.embed(torch.stack(list(chunks)).to(device), positions)  # (B, L, dim)
+            return self.layers.run(x, plan).flatten(0, 1)[None]
+        packing = Packing.of(lengths, device)
+        plan = self.planner.plan(self.cache, index, positions, packing)
+        packed_positions = positions.flatten()[packing.packed_from_padded]  # (T,)
+        x = self.model.embed(torch.cat(list(chunks)).to(device)[None], packed_positions[None])  # (1, T, dim)
+        return self.layers.run(x, plan)
 
     def prefill(self, slot: int, tokens: Sequence[int] | Tensor) -> Tensor:
         """Feed a prompt to one slot chunk by chunk -> logits (num_tokens,) after its last token."""

@@ -61,20 +61,23 @@ class Packing:
     keys are not stored, and its outputs are dropped when the rows are packed again.
     """
 
-    lengths: Tensor  # (B,)
+    lengths: Tensor  # (B,), on the CPU
     length: int  # L, the longest
     padded_from_packed: Tensor  # (B * L,): the packed token at each padded place
     packed_from_padded: Tensor  # (T,): the padded place of each packed token
 
     @classmethod
-    def of(cls, lengths: Tensor) -> Packing:
-        length = int(lengths.max())
-        offsets = torch.arange(length, device=lengths.device)  # (L,)
-        starts = torch.cumsum(lengths, 0) - lengths  # (B,): each row's first packed token
-        real = offsets < lengths[:, None]  # (B, L)
-        padded_from_packed = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)  # (B, L)
+    def of(cls, lengths: list[int], device: torch.device) -> Packing:
+        """The packing of rows of `lengths`, its indices made on the CPU (known there: no device sync) and
+        copied to `device` once."""
+        counts = torch.tensor(lengths)  # (B,)
+        length = max(lengths)
+        offsets = torch.arange(length)  # (L,)
+        starts = torch.cumsum(counts, 0) - counts  # (B,): each row's first packed token
+        real = offsets < counts[:, None]  # (B, L)
+        padded_from_packed = (starts[:, None] + torch.minimum(offsets, counts[:, None] - 1)).flatten()  # (B * L,)
         packed_from_padded = real.flatten().nonzero().flatten()  # (T,)
-        return cls(lengths, length, padded_from_packed.flatten(), packed_from_padded)
+        return cls(counts, length, padded_from_packed.to(device), packed_from_padded.to(device))
 
     def unpack(self, x: Tensor) -> Tensor:
         """(1, h, T, dh) -> (B, h, L, dh)."""

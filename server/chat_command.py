@@ -74,6 +74,15 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop sequence (repeatable)")
 
 
+CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if chr(code) not in "\n\t"}
+
+
+def visible(text: str) -> str:
+    """Text for a terminal: control characters (but newline and tab) as escapes, so a model or a server cannot
+    send the terminal commands (colours, titles, the clipboard)."""
+    return text.translate(CONTROL)
+
+
 @dataclass
 class Turn:
     user: str
@@ -277,7 +286,7 @@ class Chat:
             with ctrl_c.installed(), contextlib.closing(self.backend.stream({**body, **self.options})) as pieces:
                 for piece in pieces:
                     with ctrl_c.held():  # what is shown is what the conversation keeps
-                        self.out.write(piece)
+                        self.out.write(visible(piece) if self.out.isatty() else piece)
                         self.out.flush()
                         answer += piece
         except ChatError as error:

@@ -97,16 +97,17 @@ class ModelRunner:
         read: list[Tensor | None] = []
         for chunk in chunks:
             try:
-                read += self.read_together([chunk], output)
+                read += self.read_together([chunk], output)  # a list of one
             except Exception as error:  # this prompt cannot be read: its slot fails alone
                 logger.exception("reading the prompt of request %d failed", chunk.request.id)
                 output.errors[chunk.slot] = f"reading the prompt failed: {error}"
                 read.append(None)
         return read
 
-    def read_together(self, chunks: list[PromptChunk], output: StepOutput) -> list[Tensor]:
-        """Read chunks in one Decoder call -> the logits (V,) after each; raises if the call does, having
-        changed no slot's position (the ring entries it wrote are written again, the same, by a retry)."""
+    def read_together(self, chunks: list[PromptChunk], output: StepOutput) -> list[Tensor | None]:
+        """Read chunks in one Decoder call -> the logits (V,) after each, None for a chunk whose prompt scores
+        could not be computed (its slot fails). Raises if the call does, having changed no slot's position (the
+        ring entries it wrote are written again, the same, by a retry)."""
         if self.faults is not None:
             self.faults.check_prompt_chunks([chunk.request for chunk in chunks])
         scoring = [chunk.request.prompt_logprobs is not None for chunk in chunks]
@@ -115,14 +116,21 @@ class ModelRunner:
             [torch.tensor(chunk.tokens, device=self.device) for chunk in chunks],  # (L_b,) each
             scoring,
         )  # (V,), or (L_b, V) for a scoring chunk
-        events = {}  # by slot: none is kept unless the whole read succeeds
+        output.read += chunks  # read: the slots have moved on, so nothing below may raise
+        last: list[Tensor | None] = []
         for chunk, logits, score in zip(chunks, read, scoring, strict=True):
-            event = self.score_prompt(chunk, logits) if score else None
-            if event is not None:
-                events[chunk.slot] = event
-        output.prompt_logprobs.update(events)
-        output.read += chunks
-        return [logits[-1] if score else logits for logits, score in zip(read, scoring, strict=True)]
+            last.append(logits[-1] if score else logits)
+            if score:
+                try:
+                    event = self.score_prompt(chunk, logits)
+                except Exception as error:  # the scores of this prompt cannot be had: its slot fails alone
+                    logger.exception("scoring the prompt of request %d failed", chunk.request.id)
+                    output.errors[chunk.slot] = f"scoring the prompt failed: {error}"
+                    last[-1] = None
+                    continue
+                if event is not None:
+                    output.prompt_logprobs[chunk.slot] = event
+        return last
 
     def score_prompt(self, chunk: PromptChunk, logits: Tensor) -> PromptLogprobsEvent | None:
         """The logprobs of the prompt tokens that the chunk's logits (L, V) predict: row i predicts token

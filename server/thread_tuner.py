@@ -9,9 +9,9 @@ second thread reads prompts 1.7x faster.
 
 So the engine thread asks a ThreadTuner between steps. About once a second it reads how busy the process's
 CPUs were (/proc/stat) and how much of that was this process (/proc/self/stat); the rest is other processes'.
-The threads are the CPUs this process may use less that share, rounded to the nearest (half a CPU's worth
-of others keeps every thread), at least 1, at most the CPUs this process may use, changed when two readings
-in a row agree. It runs only when no thread count is given (a flag or WINDOWLM_THREADS) and only on Linux.
+The threads are the CPUs of its affinity mask less that share, rounded to the nearest (half a CPU's worth of
+others keeps every thread), at least 1, at most the CPUs this process may use (its quota), changed when two
+readings in a row agree. It runs only when no thread count is given (a flag or WINDOWLM_THREADS) and only on Linux.
 """
 
 from __future__ import annotations
@@ -75,16 +75,20 @@ def others_share(earlier: CpuTimes, later: CpuTimes, ticks_per_second: float) ->
     return max(0.0, others / ticks_per_second / seconds) if seconds > 0 else 0.0
 
 
-def threads_for(cpus: int, others: float) -> int:
-    """The threads for `cpus` usable CPUs when other processes keep `others` CPUs' worth busy."""
-    return max(1, min(cpus, math.floor(cpus - others + 0.5)))
+def threads_for(cpus: int, watched: int, others: float) -> int:
+    """The threads for `cpus` usable CPUs (the affinity mask within the CPU quota) when other processes keep
+    `others` CPUs' worth of the `watched` CPUs (the affinity mask) busy: under a quota of 2 on a 64-CPU host,
+    others must fill 62 of them before a thread goes."""
+    return max(1, min(cpus, math.floor(watched - others + 0.5)))
 
 
 def thread_tuner(threads_given: bool) -> ThreadTuner | None:
     """The tuner of a server whose threads were not given, on a host where it can read the CPU times and has
     more than one CPU to choose from; else None."""
     cpus = available_cpus()
-    if threads_given or cpus < 2 or read_cpu_times(set(os.sched_getaffinity(0))) is None:
+    if threads_given or cpus < 2 or not hasattr(os, "sched_getaffinity"):
+        return None
+    if read_cpu_times(set(os.sched_getaffinity(0))) is None:
         return None
     return ThreadTuner(cpus)
 
@@ -104,6 +108,7 @@ class ThreadTuner:
     ) -> None:
         ids = set(os.sched_getaffinity(0)) if cpu_ids is None else cpu_ids
         self.cpus = cpus
+        self.watched = len(ids)
         self.interval = interval
         self.read = read or (lambda: read_cpu_times(ids))
         self.ticks_per_second = float(os.sysconf("SC_CLK_TCK"))
@@ -122,7 +127,7 @@ class ThreadTuner:
             return self.threads
         self.others = others_share(self.last, reading, self.ticks_per_second)
         self.last = reading
-        wanted = threads_for(self.cpus, self.others)
+        wanted = threads_for(self.cpus, self.watched, self.others)
         if wanted == self.threads:
             self.proposed = None
         elif wanted == self.proposed:
@@ -137,7 +142,7 @@ class ThreadTuner:
             self.threads,
             threads,
             self.others,
-            self.cpus,
+            self.watched,
         )
         self.set_threads(threads)
         self.threads, self.proposed = threads, None

@@ -174,7 +174,10 @@ def resolve_options(args: argparse.Namespace, recorded: dict[str, Any] | None) -
         fallback = field.default if recorded is None else recorded[field.name]
         values[field.name] = fallback if given is None else given
     if values["threads"] is None:
-        values["threads"] = default_threads()
+        try:
+            values["threads"] = default_threads()
+        except ValueError as error:  # WINDOWLM_THREADS is not a count
+            raise TrainError(str(error)) from None
     options = RunOptions(**values)
     options.validate()
     return options

@@ -95,6 +95,9 @@ async def gaps_while_prompts_arrive(port: int, burst: int, size: int, tokens: in
     times: list[float] = []
     running = asyncio.create_task(stream(port, prompt_of(size), 16384, times))
     while len(times) < 2:
+        if running.done():
+            running.result()  # raises what ended the stream
+            raise RuntimeError("the running stream ended before its second token")
         await asyncio.sleep(0.01)
     await asyncio.sleep(1.0)
     sent = time.perf_counter()

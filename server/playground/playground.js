@@ -226,6 +226,7 @@ async function run() {
     if (!answer) job.undo();
     else if (mode === "chat") conversation.markCut(stopped ? "stopped" : "error");
   } finally {
+    state.controller?.abort(); // a stream left open by an error would keep generating until it stalls
     state.controller = null;
     setRunning(false);
   }

@@ -108,7 +108,7 @@ def test_scoring_chunks_read_together_give_every_position_as_alone() -> None:
 
 
 def test_packing_round_trips_and_pads_with_the_rows_last_token() -> None:
-    packing = Packing.of(torch.tensor([3, 1, 2]))
+    packing = Packing.of([3, 1, 2], torch.device("cpu"))
     packed = torch.arange(6.0).view(1, 1, 6, 1)  # (1, h, T, dh): rows [0 1 2] [3] [4 5]
     padded = packing.unpack(packed)  # (B, h, L, dh)
     assert padded[:, 0, :, 0].tolist() == [[0, 1, 2], [3, 3, 3], [4, 5, 5]]

@@ -298,3 +298,10 @@ def test_bad_flags_are_refused_clearly(
     assert status == 1 and "not a checkpoint folder" in error
     status, _, error = chat_here("--url", "ftp://example")
     assert status == 1 and "--url must be an http:// or https:// address" in error
+
+
+def test_control_characters_reach_a_terminal_as_escapes() -> None:
+    """A model or a server must not command the terminal (here: OSC 52, write the clipboard; CSI in C1 form)."""
+    from server.chat_command import visible
+
+    assert visible("a\x1b]52;c;eA==\x07b\n\tc\x9bd é") == "a\\x1b]52;c;eA==\\x07b\n\tc\\x9bd é"

@@ -38,11 +38,22 @@ def test_process_ticks_read_utime_and_stime_past_an_odd_command_name() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cpus", "others", "threads"),
-    [(2, 0.0, 2), (2, 0.45, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 3.0, 1), (8, 2.3, 6), (8, 0.0, 8), (1, 0.0, 1)],
+    ("cpus", "watched", "others", "threads"),
+    [
+        (2, 2, 0.0, 2),
+        (2, 2, 0.45, 2),
+        (2, 2, 0.6, 1),
+        (2, 2, 1.0, 1),
+        (2, 2, 3.0, 1),
+        (8, 8, 2.3, 6),
+        (8, 8, 0.0, 8),
+        (1, 1, 0.0, 1),
+        (2, 64, 20.0, 2),  # a quota of 2 on a busy 64-CPU host: 44 CPUs are free
+        (2, 64, 62.7, 1),
+    ],
 )
-def test_threads_are_the_cpus_less_what_others_keep_busy(cpus: int, others: float, threads: int) -> None:
-    assert threads_for(cpus, others) == threads
+def test_threads_are_the_cpus_less_what_others_keep_busy(cpus: int, watched: int, others: float, threads: int) -> None:
+    assert threads_for(cpus, watched, others) == threads
 
 
 def scripted(others: list[float], ticks: int = 100) -> Iterator[CpuTimes]:
