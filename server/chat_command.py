@@ -115,6 +115,9 @@ def run_chat(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"windowlm chat: {problem}", file=sys.stderr)
         return USAGE_ERROR
+    # Ctrl+C is how one stops an answer: it must raise KeyboardInterrupt even when this process was started with
+    # SIGINT ignored (a background job of a shell does that, and Python then installs no handler of its own)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         backend = open_backend(args)
     except ChatError as error:
