@@ -109,15 +109,12 @@ class SlidingKVCache:
         last = last_positions[:, None]  # (B, 1)
         return last - (last - self.ring_index) % self.capacity  # (B, C)
 
-    def step_rings(self, slots: Slots, first_position: Tensor, length: int, lengths: Tensor | None = None) -> StepRings:
+    def step_rings(self, slots: Slots, first_position: Tensor, length: int) -> StepRings:
         """Where a step over `slots` reads and writes keys of positions first..first+L-1 (B,): made once per
-        step, the same for every layer. `lengths` (B,): row b has only its first lengths[b] tokens (the rest
-        pad the batch and are never written).
+        step, the same for every layer.
 
         Only the newest `capacity` positions of a row are kept, so no two writes land on one ring index.
         """
-        if lengths is not None:
-            return self.ragged_rings(slots, first_position, length, lengths)
         kept = min(length, self.capacity)
         if length == 1:
             ring = (first_position % self.capacity)[:, None]  # (B, 1)
@@ -129,8 +126,8 @@ class SlidingKVCache:
         return StepRings(self, slots, rows, skip=length - kept)
 
     def ragged_rings(self, slots: Slots, first_position: Tensor, length: int, lengths: Tensor) -> StepRings:
-        """step_rings for rows of lengths (B,), on the CPU, padded to `length`: the (B, heads, L) entries of the
-        tokens kept, chosen by an index made on the CPU (no device sync)."""
+        """step_rings for rows of lengths (B,), on the CPU, padded to `length` (the padding is never written):
+        the (B, heads, L) entries of the tokens kept, chosen by an index made on the CPU (no device sync)."""
         heads = self.first_rows.shape[1]
         offsets = torch.arange(length)  # (L,)
         kept = (offsets < lengths[:, None]) & (offsets >= lengths[:, None] - self.capacity)  # (B, L)

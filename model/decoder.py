@@ -165,8 +165,7 @@ class Decoder:
         ends = list(itertools.accumulate(lengths))  # each chunk's end in the packed tokens
         every = all_positions or [False] * len(chunks)
         with torch.inference_mode(), self.kernels:
-            positions = self.cache.lengths[index][:, None] + torch.arange(max(lengths), device=device)  # (B, L)
-            hidden = self.packed_hidden_states(index, chunks, lengths, positions)  # (1, T, dim)
+            hidden = self.packed_hidden_states(index, chunks, lengths)  # (1, T, dim)
             logits = self.layers.logits(hidden[:, [end - 1 for end in ends]])[0]  # (B, V)
             read = [
                 self.layers.logits(hidden[:, end - length : end])[0] if every[row] else logits[row]
@@ -175,21 +174,18 @@ class Decoder:
             self.cache.lengths[index] += torch.tensor(lengths, device=device)
         return read
 
-    def packed_hidden_states(
-        self, index: Tensor, chunks: Sequence[Tensor], lengths: list[int], positions: Tensor
-    ) -> Tensor:
-        """The final hidden states (1, T, dim) of chunks (L_b,) read into slots `index` (B,) from positions
-        (B, L), end to end; stores their keys and values. Chunks of one length run as a plain batch."""
-        device = positions.device
-        # the embedding raises ContextLimitError past max_seq_len
+    def packed_hidden_states(self, index: Tensor, chunks: Sequence[Tensor], lengths: list[int]) -> Tensor:
+        """The final hidden states (1, T, dim) of chunks (L_b,) read into slots `index` (B,) at their positions,
+        end to end; stores their keys and values. Chunks of one length run as a plain batch."""
+        device = index.device
         if len(set(lengths)) == 1:  # nothing to pad
-            plan = self.planner.plan(self.cache, index, positions)
-            x = self.model.embed(torch.stack(list(chunks)).to(device), positions)  # (B, L, dim)
-            return self.layers.run(x, plan).flatten(0, 1)[None]
+            return self.hidden_states(index, torch.stack(list(chunks)).to(device)).flatten(0, 1)[None]
+        positions = self.cache.lengths[index][:, None] + torch.arange(max(lengths), device=device)  # (B, L)
         packing = Packing.of(lengths, device)
         plan = self.planner.plan(self.cache, index, positions, packing)
         packed_positions = positions.flatten()[packing.packed_from_padded]  # (T,)
-        x = self.model.embed(torch.cat(list(chunks)).to(device)[None], packed_positions[None])  # (1, T, dim)
+        # (1, T, dim); raises ContextLimitError past max_seq_len
+        x = self.model.embed(torch.cat(list(chunks)).to(device)[None], packed_positions[None])
         return self.layers.run(x, plan)
 
     def prefill(self, slot: int, tokens: Sequence[int] | Tensor) -> Tensor:

@@ -152,7 +152,11 @@ class StepPlanner:
             score_bias = F.embedding(row, self.bias_table).permute(0, 3, 1, 2).contiguous()  # (B, heads, L, K)
 
         return StepPlan(
-            rings=cache.step_rings(slots, first, length, None if packing is None else packing.lengths),
+            rings=(
+                cache.step_rings(slots, first, length)
+                if packing is None
+                else cache.ragged_rings(slots, first, length, packing.lengths)
+            ),
             write_first=length == 1,
             score_bias=score_bias,
             self_key=(distance == 0)[:, None] if self.shared_qk else None,

@@ -8,6 +8,7 @@ the engine when the HTTP server shuts down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,8 +52,14 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         stream_buffer=settings.stream_buffer,
         stall_timeout=settings.stall_timeout,
         faults=FaultInjector.from_environment(),
-        thread_tuner=thread_tuner(threads_given=settings.threads is not None),
+        thread_tuner=thread_tuner(settings.threads is not None, functools.partial(set_threads, metrics)),
     )
+
+
+def set_threads(metrics: Metrics, count: int) -> None:
+    """torch's threads, as the thread tuner changes them, and the gauge that shows them."""
+    torch.set_num_threads(count)
+    metrics.torch_threads.set(count)
 
 
 @asynccontextmanager

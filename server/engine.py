@@ -192,7 +192,7 @@ class Engine:
     def step(self) -> bool:
         """One round of the loop; False when it had nothing to do but wait for readers."""
         if self.thread_tuner is not None:
-            self.metrics.torch_threads.set(self.thread_tuner.update())
+            self.thread_tuner.update()
         scheduler = self.scheduler
         scheduler.release()
         with self.wakeup:  # only the queue under the lock: the event loop's submit waits for it

@@ -117,20 +117,23 @@ class ModelRunner:
             scoring,
         )  # (V,), or (L_b, V) for a scoring chunk
         output.read += chunks  # read: the slots have moved on, so nothing below may raise
-        last: list[Tensor | None] = []
-        for chunk, logits, score in zip(chunks, read, scoring, strict=True):
-            last.append(logits[-1] if score else logits)
-            if score:
-                try:
-                    event = self.score_prompt(chunk, logits)
-                except Exception as error:  # the scores of this prompt cannot be had: its slot fails alone
-                    logger.exception("scoring the prompt of request %d failed", chunk.request.id)
-                    output.errors[chunk.slot] = f"scoring the prompt failed: {error}"
-                    last[-1] = None
-                    continue
-                if event is not None:
-                    output.prompt_logprobs[chunk.slot] = event
-        return last
+        return [
+            self.record_scores(chunk, logits, output) if score else logits
+            for chunk, logits, score in zip(chunks, read, scoring, strict=True)
+        ]
+
+    def record_scores(self, chunk: PromptChunk, logits: Tensor, output: StepOutput) -> Tensor | None:
+        """Put the prompt logprobs a scoring chunk's logits (L, V) give in `output` -> the logits after its last
+        token (V,); None, and its slot fails alone, when they cannot be computed."""
+        try:
+            event = self.score_prompt(chunk, logits)
+        except Exception as error:
+            logger.exception("scoring the prompt of request %d failed", chunk.request.id)
+            output.errors[chunk.slot] = f"scoring the prompt failed: {error}"
+            return None
+        if event is not None:
+            output.prompt_logprobs[chunk.slot] = event
+        return logits[-1]
 
     def score_prompt(self, chunk: PromptChunk, logits: Tensor) -> PromptLogprobsEvent | None:
         """The logprobs of the prompt tokens that the chunk's logits (L, V) predict: row i predicts token

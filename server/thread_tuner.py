@@ -82,15 +82,15 @@ def threads_for(cpus: int, watched: int, others: float) -> int:
     return max(1, min(cpus, math.floor(watched - others + 0.5)))
 
 
-def thread_tuner(threads_given: bool) -> ThreadTuner | None:
+def thread_tuner(threads_given: bool, set_threads: Callable[[int], None] | None = None) -> ThreadTuner | None:
     """The tuner of a server whose threads were not given, on a host where it can read the CPU times and has
-    more than one CPU to choose from; else None."""
+    more than one CPU to choose from; else None. `set_threads` as ThreadTuner's."""
     cpus = available_cpus()
     if threads_given or cpus < 2 or not hasattr(os, "sched_getaffinity"):
         return None
     if read_cpu_times(set(os.sched_getaffinity(0))) is None:
         return None
-    return ThreadTuner(cpus)
+    return ThreadTuner(cpus, set_threads=set_threads)
 
 
 class ThreadTuner:

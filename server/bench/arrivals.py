@@ -18,17 +18,14 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from server.bench.machine import finish_machine_state, machine_state
 from server.bench.prompt import prompt_of
-from server.bench.serve import MODEL_ID, free_port, percentiles
+from server.bench.serve import MODEL_ID, free_port, percentiles, start_server
 from server.config import BUNDLED_WEIGHTS
 
 SLOTS = 96  # every arrival and the running stream hold a slot at once: nothing waits in the queue
@@ -37,19 +34,7 @@ SLOTS = 96  # every arrival and the running stream hold a slot at once: nothing 
 def start(root: Path, weights: Path, *flags: str) -> tuple[subprocess.Popen, int]:
     """`windowlm serve` from the checkout at `root`, once ready -> the process and its port."""
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--weights", str(weights.resolve()), "--port", str(port)]
-    command += ["--model-name", MODEL_ID, "--max-batch-size", str(SLOTS), "--log-level", "warning", *flags]
-    environment = {**os.environ, "PYTHONPATH": str(root)}
-    process = subprocess.Popen(command, cwd=root, env=environment, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1):
-                return process, port
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the server in {root} did not become ready")
+    return start_server(weights.resolve(), port, SLOTS, *flags, root=root), port
 
 
 async def stream(port: int, prompt: str, max_tokens: int, events: list[float] | None = None) -> dict[str, Any]:

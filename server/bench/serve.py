@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import statistics
@@ -64,12 +65,20 @@ def free_port() -> int:
 
 
 def start_server(
-    weights: Path, port: int, max_batch_size: int, *flags: str, log: IO[str] | None = None
+    weights: Path,
+    port: int,
+    max_batch_size: int,
+    *flags: str,
+    log: IO[str] | None = None,
+    root: Path | None = None,
 ) -> subprocess.Popen:
-    """`windowlm serve` on 127.0.0.1:`port` with more `flags`, its output to `log` (default: nowhere), once ready."""
+    """`windowlm serve` on 127.0.0.1:`port` with more `flags`, its output to `log` (default: nowhere), once ready;
+    from the checkout at `root` (another version of this code) when given."""
     command = [sys.executable, "-m", "server.cli", "serve", "--weights", str(weights), "--port", str(port)]
     command += ["--model-name", MODEL_ID, "--max-batch-size", str(max_batch_size), "--log-level", "warning", *flags]
-    process = subprocess.Popen(command, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    environment = None if root is None else {**os.environ, "PYTHONPATH": str(root)}
+    output = log or subprocess.DEVNULL
+    process = subprocess.Popen(command, cwd=root, env=environment, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
