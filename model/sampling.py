@@ -17,6 +17,12 @@ smallest normal float32 divides by that smallest normal, which is greedy-like (a
 below the best gets weight 0). Reported logprobs are those of the raw logits (no penalty, bias or filter).
 A row whose raw logits are NaN or +inf (or all -inf), or whose every token is -inf or banned, fails alone:
 its token is -1 and its error says why; valid parameters cannot fail a row with finite logits.
+
+A batch may be constrained (model/grammar.py): each row then has a mask of the tokens it may pick, plus one
+more column, the end of its text. Every logit above is widened to V + 1 columns after the bias: forbidden tokens
+-inf, and the end's logit the log of the forbidden tokens' total probability where the grammar may end, else -inf.
+Filters and the draw treat the end as one more token; a row that picks it gets ENDED_TOKEN. Reported logprobs are
+then those of the widened raw logits: the constrained distribution.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from model.sampling_params import BAN, FLOAT32_MAX, FLOAT32_TINY, SamplingError,
 from model.sampling_params import MAX_LOGPROBS as MAX_LOGPROBS  # re-exported: importable from here as before
 
 FAILED_TOKEN = -1
+ENDED_TOKEN = -2  # a constrained row whose text ends here
 _FAILURES = {
     1: "logits contain NaN",
     2: "logits contain +inf",
     3: "all logits are -inf",
     4: "every token is -inf in the logits or banned by logit_bias",
+    5: "the constraint allows no token that the logits and logit_bias leave",
 }
 
 
@@ -182,11 +190,20 @@ def apply_bias(logits: Tensor, samplers: Sequence[SequenceSampler], code: Tensor
     return biased.masked_fill(code[:, None] > 0, 0.0), code
 
 
+def _widened(logits: Tensor, allowed: Tensor) -> Tensor:  # (B, V + 1)
+    """Logits (B, V) under a constraint `allowed` (B, V + 1): forbidden tokens -inf, then the end's column, the
+    logsumexp of the forbidden tokens' logits where the end is allowed (-inf where it is not, or none is)."""
+    tokens_allowed, may_end = allowed[:, :-1], allowed[:, -1:]  # (B, V), (B, 1)
+    forbidden_mass = torch.logsumexp(logits.masked_fill(tokens_allowed, -math.inf), -1, keepdim=True)  # (B, 1)
+    end = forbidden_mass.masked_fill(~may_end, -math.inf)  # (B, 1)
+    return torch.cat([logits.masked_fill(~tokens_allowed, -math.inf), end], dim=-1)
+
+
 def _adjusted(
-    logits: Tensor, samplers: Sequence[SequenceSampler], params: BatchParams | None
+    logits: Tensor, samplers: Sequence[SequenceSampler], params: BatchParams | None, allowed: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(raw float32 logits, penalised and biased logits, failure codes); failed rows are zeroed, so that each row
-    of both has a finite best token.
+    of both has a finite best token. Under a constraint `allowed` (B, V + 1) both are widened to V + 1 columns.
 
     `params` may be None when no sampler has a penalty."""
     raw = logits.float()  # (B, V)
@@ -198,6 +215,10 @@ def _adjusted(
         adjusted = apply_penalties(raw, seen, counts, params)  # (B, V)
     if any(s.bias is not None for s in samplers):
         adjusted, code = apply_bias(adjusted, samplers, code)  # (B, V), (B,)
+    if allowed is not None:
+        raw, adjusted = _widened(raw, allowed), _widened(adjusted, allowed)  # (B, V + 1) each
+        code = torch.where((code == 0) & adjusted.isneginf().all(-1), 5, code)  # (B,)
+        raw, adjusted = raw.masked_fill(code[:, None] > 0, 0.0), adjusted.masked_fill(code[:, None] > 0, 0.0)
     return raw, adjusted, code
 
 
@@ -273,8 +294,9 @@ def _top_logprobs(
     ]
 
 
-def sample_batch(logits: Tensor, samplers: Sequence[SequenceSampler]) -> SampleResult:
-    """Pick one token per row of logits (B, V) with that row's sampler, and count it there."""
+def sample_batch(logits: Tensor, samplers: Sequence[SequenceSampler], allowed: Tensor | None = None) -> SampleResult:
+    """Pick one token per row of logits (B, V) with that row's sampler, and count it there; under a constraint
+    `allowed` (B, V + 1) bool (the tokens, then the end), a row may pick the end instead (ENDED_TOKEN)."""
     if logits.dim() != 2 or logits.shape[0] != len(samplers):
         raise ValueError(f"expected logits (B, V) with B = {len(samplers)} samplers, got {tuple(logits.shape)}")
     if len({id(s) for s in samplers}) != len(samplers):
@@ -289,28 +311,32 @@ def sample_batch(logits: Tensor, samplers: Sequence[SequenceSampler]) -> SampleR
     greedy = all(s.params.greedy for s in samplers)
     needs_params = not greedy or any(s.params.penalised for s in samplers)
     params = BatchParams.from_samplers(samplers, device) if needs_params else None
-    raw, adjusted, code = _adjusted(logits, samplers, params)
+    if allowed is not None and allowed.shape != (logits.shape[0], logits.shape[1] + 1):
+        raise ValueError(f"a constraint (B, V + 1) for logits {tuple(logits.shape)}, got {tuple(allowed.shape)}")
+    vocab_size = logits.shape[-1]
+    raw, adjusted, code = _adjusted(logits, samplers, params, allowed)
     failed = code > 0  # (B,)
     if greedy:
         tokens = adjusted.argmax(dim=-1)  # (B,) the lowest id among ties, as the sorted path picks
     else:
         scaled, ids = _filter_sorted(adjusted, params, samplers)  # (B, V)
         tokens = _draw(scaled, ids, _uniforms(samplers, device))  # (B,)
-    tokens = tokens.masked_fill(failed, FAILED_TOKEN)
-
-    raw_logprobs = torch.log_softmax(raw, dim=-1)  # (B, V)
+    raw_logprobs = torch.log_softmax(raw, dim=-1)  # (B, V), or (B, V + 1) under a constraint
+    chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).masked_fill(failed, 0.0)  # (B,)
+    ended = tokens == vocab_size  # (B,) only a constraint's end column has this index
+    tokens = tokens.masked_fill(ended, ENDED_TOKEN).masked_fill(failed, FAILED_TOKEN)
+    counted = ~failed & ~ended  # (B,)
     safe = tokens.clamp(min=0)  # (B,)
-    chosen = raw_logprobs.gather(1, safe[:, None]).squeeze(1).masked_fill(failed, 0.0)  # (B,)
 
     counting = [row for row, s in enumerate(samplers) if s.params.penalised]  # only penalties read the counts
     if counting:
         index = torch.tensor(counting, device=device)  # (P,)
         counts = torch.stack([samplers[row].output_counts for row in counting])  # (P, V)
-        counts.scatter_add_(1, safe[index, None], (~failed[index])[:, None].to(counts.dtype))
+        counts.scatter_add_(1, safe[index, None], counted[index, None].to(counts.dtype))
         for row, counted in zip(counting, counts.unbind(0), strict=True):
             samplers[row].output_counts = counted
 
     codes = code.tolist()
     failed_rows = [c > 0 for c in codes]
     errors = [_FAILURES[c] if c else None for c in codes]
-    return SampleResult(tokens, chosen, _top_logprobs(raw_logprobs, samplers, failed_rows), errors)
+    return SampleResult(tokens, chosen, _top_logprobs(raw_logprobs[:, :vocab_size], samplers, failed_rows), errors)

@@ -71,6 +71,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.draining = True
         if state.engine is not None:
             state.engine.shutdown()
+        if state.grammars is not None:
+            state.grammars.shutdown()
 
 
 def create_app(

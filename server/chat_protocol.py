@@ -1,7 +1,7 @@
 """Request and response bodies of POST /v1/chat/completions, OpenAI's chat API.
 
 Every field of OpenAI's chat request schema is accepted with its type checked; what needs a capability this
-model lacks (tools, images, audio, structured output) is refused with a 400 naming the field, by
+model lacks (tools, images, audio) is refused with a 400 naming the field, by
 `ChatCompletionRequest.refusal`. Fields that only steer a hosted service (store, metadata, service_tier, ...)
 are accepted and have no effect.
 """
@@ -52,7 +52,6 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: bool | None = None
     audio: Any | None = None
     modalities: list[Text] | None = None
-    response_format: dict[str, Any] | None = None
     prediction: Any | None = None
     web_search_options: Any | None = None
     # A hosted service's own controls: accepted, with no effect here.
@@ -89,8 +88,6 @@ class ChatCompletionRequest(GenerationRequest):
             return param, "this server has no tool calling"
         if self.audio is not None or (self.modalities and set(self.modalities) != {"text"}):
             return ("audio" if self.audio is not None else "modalities"), "this model reads and writes text only"
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            return "response_format", "only {'type': 'text'} is supported: this server does not constrain output yet"
         if self.prediction is not None:
             return "prediction", "predicted outputs are not supported"
         if self.web_search_options is not None:

@@ -153,8 +153,9 @@ class ChoiceText:
             self.held_logprobs.clear()  # the stop sequence's own tokens
             self.finish_reason = delta.finish_reason = "stop"
 
-    def on_length(self, delta: ChoiceDelta) -> None:
-        """The engine ended the sequence at max_tokens or the context limit: release what was held back."""
+    def on_finish(self, delta: ChoiceDelta, reason: str = "length") -> None:
+        """The engine ended the sequence: at max_tokens or the context limit ("length"), or where its grammar
+        ends ("stop"). Release what was held back."""
         self.finish_echo(delta)
         tail = self.decoder.flush()
         self.text_offset += len(tail)
@@ -166,7 +167,7 @@ class ChoiceText:
             self.held_logprobs.clear()
         delta.logprobs += self.held_logprobs  # a token whose bytes ended as nothing at all
         self.held_logprobs.clear()
-        self.finish_reason = delta.finish_reason = "stop" if stopped else "length"
+        self.finish_reason = delta.finish_reason = "stop" if stopped or reason == "stop" else "length"
 
 
 class GenerationFailed(Exception):
@@ -232,7 +233,7 @@ def apply_event(choice: ChoiceText, event: TokenEvent | PromptLogprobsEvent | Fi
     elif event.reason == "error":
         raise GenerationFailed(event.message or "generation failed")
     else:
-        choice.on_length(delta)
+        choice.on_finish(delta, event.reason)
 
 
 IDLE = object()  # put on a request's event queue at every beat, so a stream waiting for tokens can ping

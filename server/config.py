@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         description="read every prompt token, not only the last ones the model's local attention can still see "
         "(the logits are the same either way; for comparison)",
     )
+    grammar_max_bytes: int = Field(
+        65536, ge=1, description="longest JSON schema, pattern, grammar or choice list a request may constrain with"
+    )
+    grammar_compile_timeout: float = Field(
+        5.0, gt=0, description="seconds a request's constraint may take to compile (waiting included) before a 400"
+    )
+    grammar_cache_size: int = Field(256, ge=0, description="compiled constraints kept, by their text")
     api_key: typing.Annotated[list[str], NoDecode] = Field(
         [],
         description="require `Authorization: Bearer KEY` (repeatable; the variable takes keys separated by ,)",

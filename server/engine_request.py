@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the scheduler, which holds requests, imports no torch
+    from model.grammar import Grammar
     from model.sampling import SamplingParams
 
 
@@ -56,6 +57,7 @@ class EngineRequest:
     events: asyncio.Queue  # receives (tag, event) pairs; several requests may share one queue
     tag: int = 0
     prompt_logprobs: int | None = None  # None: not wanted; k >= 0: PromptLogprobsEvents with k alternatives
+    grammar: Grammar | None = None  # a constraint on the generated text; its end finishes the request ("stop")
     id: int = field(default_factory=lambda: next(_request_ids))
     cancelled: bool = False
     stop_sequence_reached: bool = False  # its text reached a stop sequence: a normal end, not a failure

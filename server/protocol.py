@@ -11,39 +11,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from model.sampling import FLOAT32_MAX, FLOAT32_TINY, SamplingParams
 from model.tokenizer import VOCAB_SIZE
 from server.config import Settings
+from server.constraint_protocol import ConstraintFields
 from server.errors import InvalidRequest
-
-
-def valid_text(text: str) -> str:
-    """Text the tokenizer can encode: no lone surrogates (which is also where bytes that were not UTF-8 end
-    up), no NUL characters."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        problem = f"character {error.start} is a lone surrogate or an invalid byte"
-        raise ValueError(f"must be valid UTF-8 text: {problem}") from None
-    if "\x00" in text:
-        raise ValueError(f"must not contain NUL characters (one at character {text.index(chr(0))})")
-    return text
-
-
-def integral(value: object) -> object:
-    """JSON Schema counts 2.0 as an integer, so it is taken as 2; 2.5, "2" and true stay refused."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-Text = Annotated[str, AfterValidator(valid_text), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
-
-
-def integer(**bounds: int) -> Any:
-    """An integer field within `bounds` (ge, lt, ...) that also takes integral floats such as 2.0."""
-    return Annotated[int, Field(**bounds), BeforeValidator(integral)]
-
+from server.fields import STRICT, Text, integer
 
 TokenId = Annotated[int, Field(ge=0, lt=VOCAB_SIZE)]  # strict: a long list is validated without Python calls
 TokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
@@ -52,7 +27,6 @@ TokenIdLists = Annotated[list[TokenIds], Field(min_length=1, fail_fast=True)]
 Prompt = Annotated[Text, Field(min_length=1)] | Texts | TokenIds | TokenIdLists
 StopText = Annotated[Text, Field(min_length=1)]
 
-STRICT = ConfigDict(extra="ignore", strict=True)  # unknown fields: see server/body.py
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 SAMPLING = SamplingParams()  # the defaults of every sampling field, declared once, in model.sampling
 
@@ -87,8 +61,8 @@ LogitBias = Annotated[
 ]
 
 
-class GenerationRequest(BaseModel):
-    """The fields completions and chat completions share: the model, sampling, stops, streaming."""
+class GenerationRequest(ConstraintFields):
+    """The fields completions and chat completions share: the model, sampling, stops, streaming, constraints."""
 
     model_config = STRICT
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from model.decoder import Decoder
-from model.sampling import FAILED_TOKEN, SampleResult, SequenceSampler, sample_batch
+from model.grammar import GrammarError, GrammarMatcher, masks
+from model.sampling import ENDED_TOKEN, FAILED_TOKEN, SampleResult, SequenceSampler, sample_batch
 from model.transformer import LocalTransformer
 from server.engine_request import EngineRequest, PromptLogprobsEvent
 from server.faults import FaultInjector
@@ -41,6 +42,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.decoder = Decoder(model, num_slots=num_slots, prefill_chunk=prefill_chunk)
         self.samplers: list[SequenceSampler | None] = [None] * num_slots
+        self.matchers: list[GrammarMatcher | None] = [None] * num_slots  # of constrained requests
         self.faults = faults
 
     def chunk_end(self, start: int, end: int) -> int:
@@ -56,12 +58,14 @@ class ModelRunner:
 
     def start(self, slot: int, request: EngineRequest, read_from: int = 0) -> None:
         """Begin the request's sequence in `slot` at prompt position `read_from` (see reading_start): an empty
-        cache, and a sampler that has seen the whole prompt (penalties count every prompt token)."""
+        cache, a sampler that has seen the whole prompt (penalties count every prompt token), and the start of the
+        request's grammar if it has one."""
         sampler = SequenceSampler(request.params, self.model.num_tokens, device=self.device)
         if request.params.penalised:  # only the penalties read which tokens the prompt holds
             sampler.observe_prompt(request.prompt)
+        matcher = None if request.grammar is None else request.grammar.matcher()
         self.decoder.reset(slot, read_from)
-        self.samplers[slot] = sampler
+        self.samplers[slot], self.matchers[slot] = sampler, matcher
 
     def run(self, plan: StepPlan) -> StepOutput:
         """Read the plan's prompt chunks (scoring those of requests that want prompt logprobs), run one batched
@@ -195,27 +199,67 @@ class ModelRunner:
         return logits if advance is None else logits[offsets.to(self.device)]
 
     def sample(self, slots: list[int], logits: Tensor, output: StepOutput) -> None:
-        """One token for each of `slots` from its row of logits (B, V); a row that cannot be sampled fails."""
-        result = self.sample_rows([self.samplers[slot] for slot in slots], logits)
+        """One token for each of `slots` from its row of logits (B, V); a row that cannot be sampled fails.
+        Unconstrained rows are sampled as a batch of their own, exactly as they would be without the others;
+        constrained ones under their grammars' masks, and may end their text instead of taking a token."""
+        constrained = [self.matchers[slot] is not None for slot in slots]
+        for grammar_rows in (False, True):
+            rows = [row for row, flag in enumerate(constrained) if flag == grammar_rows]
+            if not rows:
+                continue
+            part = logits if len(rows) == len(slots) else logits[torch.tensor(rows, device=logits.device)]
+            self.sample_part([slots[row] for row in rows], part, output, grammar_rows)
+
+    def sample_part(self, slots: list[int], logits: Tensor, output: StepOutput, constrained: bool) -> None:
+        allowed = None
+        if constrained:
+            try:
+                allowed = masks([self.matchers[slot] for slot in slots], logits.device)  # (B, V + 1)
+            except Exception as error:
+                logger.exception("computing the grammar masks of %d rows failed", len(slots))
+                output.errors.update((slot, f"the constraint failed: {error}") for slot in slots)
+                return
+        result = self.sample_rows([self.samplers[slot] for slot in slots], logits, allowed)
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()  # one device sync for the batch
         for row, slot in enumerate(slots):
             if result.errors[row] is not None:
                 output.errors[slot] = f"sampling failed: {result.errors[row]}"
-            else:
-                output.sampled.append(SampledToken(slot, tokens[row], logprobs[row], result.top_logprobs[row]))
+            elif tokens[row] == ENDED_TOKEN:
+                output.ended.append(slot)
+            elif (complete := self.advance_grammar(slot, tokens[row], output)) is not None:
+                sample = SampledToken(slot, tokens[row], logprobs[row], result.top_logprobs[row], complete)
+                output.sampled.append(sample)
 
-    def sample_rows(self, samplers: Sequence[SequenceSampler], logits: Tensor) -> SampleResult:
+    def advance_grammar(self, slot: int, token: int, output: StepOutput) -> bool | None:
+        """Move the slot's grammar past its sampled token -> whether the grammar is now complete (False for an
+        unconstrained slot); None, and the slot fails, if the grammar refuses the token."""
+        matcher = self.matchers[slot]
+        if matcher is None:
+            return False
+        try:
+            matcher.consume(token)
+        except GrammarError as error:
+            output.errors[slot] = f"the constraint failed: {error}"
+            return None
+        return matcher.complete
+
+    def sample_rows(
+        self, samplers: Sequence[SequenceSampler], logits: Tensor, allowed: Tensor | None = None
+    ) -> SampleResult:
         """sample_batch; if it raises, row by row, so that only a row that cannot be sampled fails. (Rows of a
         batch that raised after its random draws draw again: their text stays valid, but a seeded one is no
         longer what it would be alone. sample_batch raises only on a bug: bad logits fail a row, not the batch.)"""
         try:
-            return sample_batch(logits, samplers)
+            return sample_batch(logits, samplers, allowed)
         except Exception as error:
             logger.exception("sampling %d rows failed", len(samplers))
             if len(samplers) == 1:
                 message = f"{type(error).__name__}: {error}"
                 return SampleResult(torch.full((1,), FAILED_TOKEN), torch.zeros(1), [[]], [message])
-        rows = [self.sample_rows([sampler], logits[row : row + 1]) for row, sampler in enumerate(samplers)]
+        rows = [
+            self.sample_rows([sampler], logits[row : row + 1], None if allowed is None else allowed[row : row + 1])
+            for row, sampler in enumerate(samplers)
+        ]
         return SampleResult(
             torch.cat([one.tokens.cpu() for one in rows]),
             torch.cat([one.logprobs.cpu() for one in rows]),

@@ -94,6 +94,7 @@ class SampledToken:
     token: int
     logprob: float
     top_logprobs: list[tuple[int, float]]
+    completes: bool = False  # the request's grammar allows nothing after this token: it ends with "stop"
 
 
 @dataclass
@@ -102,6 +103,7 @@ class StepOutput:
 
     read: list[PromptChunk] = field(default_factory=list)
     sampled: list[SampledToken] = field(default_factory=list)
+    ended: list[int] = field(default_factory=list)  # slots whose grammar ended their text instead of a token
     errors: dict[int, str] = field(default_factory=dict)
     prompt_logprobs: dict[int, PromptLogprobsEvent] = field(default_factory=dict)  # by slot, of chunks read
     decode_seconds: float | None = None  # the batched decode step and its sampling, when there was one
@@ -283,12 +285,14 @@ class Scheduler:
         for index, message in output.errors.items():
             self.finish(index, "error", message)
         for sample in output.sampled:
-            self.token_sampled(sample.slot, sample.token)
+            self.token_sampled(sample.slot, sample.token, sample.completes)
+        for index in output.ended:
+            self.finish(index, "stop")
         if output.decode_seconds is not None:
             self.stats.decode_seconds = output.decode_seconds
             self.stats.decode_batch = len(plan.decode_rows)
 
-    def token_sampled(self, index: int, token: int) -> None:
+    def token_sampled(self, index: int, token: int, completes: bool = False) -> None:
         slot = self.slots[index]
         request = slot.request
         now = self.clock()
@@ -301,7 +305,9 @@ class Scheduler:
         request.generated += 1
         self.stats.generated_tokens += 1
         slot.next_token = token
-        if request.generated >= slot.max_tokens:
+        if completes:
+            self.finish(index, "stop")
+        elif request.generated >= slot.max_tokens:
             self.finish(index, "length")
 
     def finish(self, index: int, reason: FinishReason, message: str | None = None) -> None:

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from model.chat_template import ChatTemplate
 from server.config import Settings
+from server.constraints import GrammarCompiler
 from server.engine import Engine
 from server.errors import Unavailable
 from server.metrics import Metrics
@@ -25,6 +26,12 @@ class ServerState:
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
     chat_template: ChatTemplate = field(default_factory=ChatTemplate.default)
+    grammars: GrammarCompiler | None = None  # made with the app, from its settings
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self.grammars is None:
+            self.grammars = GrammarCompiler(self.settings)
+        return self.grammars
 
     @property
     def ready(self) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.grammar import Grammar
 from model.sampling import SamplingError, SamplingParams
 from model.tokenizer import VOCAB_SIZE, ByteTokenizer
 from server.config import Settings
@@ -55,6 +56,7 @@ class GenerationSpec:
     echo: bool
     sampling: dict[str, Any]  # SamplingParams fields, the seed aside
     seed: int | None
+    grammar: Grammar | None = None  # the constraint every candidate's text follows
 
     @property
     def prompt_logprobs(self) -> int | None:
@@ -183,6 +185,15 @@ def engine_requests(
             tag = prompt_index * spec.candidates + candidate
             params = sampling_params(spec, candidate)
             requests.append(
-                EngineRequest(ids, params, spec.max_tokens, loop, events, tag=tag, prompt_logprobs=spec.prompt_logprobs)
+                EngineRequest(
+                    ids,
+                    params,
+                    spec.max_tokens,
+                    loop,
+                    events,
+                    tag=tag,
+                    prompt_logprobs=spec.prompt_logprobs,
+                    grammar=spec.grammar,
+                )
             )
     return requests

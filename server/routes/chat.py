@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -60,6 +60,7 @@ async def create_chat_completion(
     check_model(body.model, served)
     check_streaming(body)
     spec = chat_spec(body, state.chat_template, state.settings)
+    spec = replace(spec, grammar=await state.grammar_compiler().for_request(body))
     run = GenerationRun.submit(spec, state, engine, request)
     reply = ChatReply(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served)
     if body.stream:
@@ -108,7 +109,8 @@ def chat_spec(body: ChatCompletionRequest, template: ChatTemplate, settings: Set
         settings,
         max_tokens=max_tokens,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        extra_stop=() if body.ignore_eos else template.stop,  # a byte model's end of turn is a stop string
+        # A byte model's end of turn is a stop string; a constraint ends the reply where its grammar does.
+        extra_stop=() if body.ignore_eos or body.grammar_spec() else template.stop,
         length_param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -62,6 +62,7 @@ async def create_completion(
     )
     if spec.candidates > spec.n and body.stream:
         raise InvalidRequest("best_of cannot be streamed: candidates are ranked once they are whole", param="best_of")
+    spec = replace(spec, grammar=await state.grammar_compiler().for_request(body))
     run = GenerationRun.submit(spec, state, engine, request)
     reply = CompletionReply(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=served)
     if body.stream:

@@ -18,7 +18,7 @@ def feed(choice: ChoiceText, text: bytes | list[int], length_finish: bool = Fals
             return deltas
     if length_finish:
         delta = ChoiceDelta(choice.index)
-        choice.on_length(delta)
+        choice.on_finish(delta)
         deltas.append(delta)
     return deltas
 

@@ -1,0 +1,122 @@
+"""The request fields that constrain the generated text, and the one constraint a request asks for.
+
+- `response_format`, as OpenAI defines it: `{"type": "text"}` (no constraint), `{"type": "json_object"}` (any JSON
+  object), `{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`.
+- `structured_outputs`, under the names vLLM uses, so that clients written for it work unchanged: `json` (a
+  schema, as an object or serialised), `regex`, `choice` (a list of strings), `grammar` (Lark, llguidance's
+  syntax; a GBNF grammar is converted), `json_object: true`. vLLM's older top-level names `guided_json`,
+  `guided_regex`, `guided_choice` and `guided_grammar` mean the same.
+
+A request names at most one constraint. The JSON is written compact (no spaces or newlines between tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from model.grammar import GrammarSpec
+from server.errors import InvalidRequest
+from server.fields import STRICT, Text
+
+ANY_OBJECT = '{"type": "object"}'
+SchemaName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class TextFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["json_object"]
+
+
+class JsonSchema(BaseModel):
+    model_config = {**STRICT, "populate_by_name": True}
+    name: SchemaName
+    description: Text | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="a JSON Schema; absent: any object")
+    strict: bool | None = Field(None, description="the schema is always enforced exactly")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+Choices = Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=4096)]
+
+
+class StructuredOutputs(BaseModel):
+    model_config = STRICT
+    json_: dict[str, Any] | bool | Text | None = Field(None, alias="json", description="a JSON Schema")
+    regex: Text | None = Field(None, description="a regular expression the whole text matches (Rust regex syntax)")
+    choice: Choices | None = Field(None, description="the text is one of these strings")
+    grammar: Text | None = Field(None, description="a context-free grammar in Lark syntax (GBNF is converted)")
+    json_object: bool | None = Field(None, description="true: any JSON object")
+
+
+class ConstraintFields(BaseModel):
+    """The constraint fields of completions and chat completions."""
+
+    model_config = STRICT
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: Text | None = None
+
+    def grammar_spec(self) -> tuple[GrammarSpec, str] | None:
+        """(the constraint, the field that asked for it), or None; 400 if the request names more than one."""
+        found = [found for found in self._constraints() if found is not None]
+        if len(found) > 1:
+            names = ", ".join(param for _, param in found)
+            message = f"a request takes one constraint, this one has {len(found)}: {names}"
+            raise InvalidRequest(message, param=found[1][1])
+        return found[0] if found else None
+
+    def _constraints(self) -> list[tuple[GrammarSpec, str] | None]:
+        given = self.structured_outputs or StructuredOutputs()
+        return [
+            _response_format(self.response_format),
+            _schema(given.json_, "structured_outputs.json"),
+            _text("regex", given.regex, "structured_outputs.regex"),
+            _choice(given.choice, "structured_outputs.choice"),
+            _text("grammar", given.grammar, "structured_outputs.grammar"),
+            (GrammarSpec("json_schema", ANY_OBJECT), "structured_outputs.json_object") if given.json_object else None,
+            _schema(self.guided_json, "guided_json"),
+            _text("regex", self.guided_regex, "guided_regex"),
+            _choice(self.guided_choice, "guided_choice"),
+            _text("grammar", self.guided_grammar, "guided_grammar"),
+        ]
+
+
+def _response_format(given: ResponseFormat | None) -> tuple[GrammarSpec, str] | None:
+    if given is None or given.type == "text":
+        return None
+    if given.type == "json_object":
+        return GrammarSpec("json_schema", ANY_OBJECT), "response_format"
+    schema = given.json_schema.schema_
+    text = ANY_OBJECT if schema is None else json.dumps(schema)
+    return GrammarSpec("json_schema", text), "response_format.json_schema.schema"
+
+
+def _schema(schema: dict[str, Any] | bool | str | None, param: str) -> tuple[GrammarSpec, str] | None:
+    if schema is None:
+        return None
+    return GrammarSpec("json_schema", schema if isinstance(schema, str) else json.dumps(schema)), param
+
+
+def _text(kind: Literal["regex", "grammar"], text: str | None, param: str) -> tuple[GrammarSpec, str] | None:
+    return None if text is None else (GrammarSpec(kind, text), param)
+
+
+def _choice(choices: list[str] | None, param: str) -> tuple[GrammarSpec, str] | None:
+    return None if choices is None else (GrammarSpec("choice", json.dumps(choices)), param)
