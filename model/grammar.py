@@ -90,12 +90,10 @@ def _grammar_text(spec: GrammarSpec) -> str:
         # whitespace forever, and every byte costs a step.
         options = {"whitespace_flexible": False}
         return llguidance.LLMatcher.grammar_from_json_schema(spec.text, defaults=options)
-    if spec.kind == "choice":
-        return llguidance.grammar_from("choice", spec.text)
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.text)
-    try:
-        return llguidance.grammar_from("grammar", spec.text)
+    try:  # a choice list that is not JSON, or a grammar that is neither Lark nor GBNF
+        return llguidance.grammar_from("choice" if spec.kind == "choice" else "grammar", spec.text)
     except ValueError as error:
         raise GrammarError(str(error)) from None
 

@@ -8,6 +8,11 @@
   `guided_regex`, `guided_choice` and `guided_grammar` mean the same.
 
 A request names at most one constraint. The JSON is written compact (no spaces or newlines between tokens).
+
+Schemas are strict by default, as OpenAI's strict mode and vLLM's default backend have them: an object schema
+that lists its `properties` allows no others unless it says so (`additionalProperties`, `patternProperties` or
+`unevaluatedProperties`). Otherwise a model could write keys of its own forever. `"strict": false` in
+`response_format.json_schema` keeps JSON Schema's own default (other properties allowed).
 """
 
 from __future__ import annotations
@@ -101,17 +106,25 @@ class ConstraintFields(BaseModel):
 def _response_format(given: ResponseFormat | None) -> tuple[GrammarSpec, str] | None:
     if given is None or given.type == "text":
         return None
-    if given.type == "json_object":
+    if given.type == "json_object" or given.json_schema.schema_ is None:
         return GrammarSpec("json_schema", ANY_OBJECT), "response_format"
-    schema = given.json_schema.schema_
-    text = ANY_OBJECT if schema is None else json.dumps(schema)
-    return GrammarSpec("json_schema", text), "response_format.json_schema.schema"
+    strict = given.json_schema.strict is not False
+    return _schema(given.json_schema.schema_, "response_format.json_schema.schema", strict)
 
 
-def _schema(schema: dict[str, Any] | bool | str | None, param: str) -> tuple[GrammarSpec, str] | None:
+def _schema(
+    schema: dict[str, Any] | bool | str | None, param: str, strict: bool = True
+) -> tuple[GrammarSpec, str] | None:
+    """The schema (an object, or one serialised) as a spec, closed when strict; 400 if it is not JSON."""
     if schema is None:
         return None
-    return GrammarSpec("json_schema", schema if isinstance(schema, str) else json.dumps(schema)), param
+    try:
+        parsed = json.loads(schema) if isinstance(schema, str) else schema
+        return GrammarSpec("json_schema", json.dumps(closed(parsed) if strict else parsed)), param
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(f"{param}: the schema is not JSON: {error}", param=param) from None
+    except RecursionError:
+        raise InvalidRequest(f"{param}: the schema is nested too deeply", param=param) from None
 
 
 def _text(kind: Literal["regex", "grammar"], text: str | None, param: str) -> tuple[GrammarSpec, str] | None:
@@ -120,3 +133,31 @@ def _text(kind: Literal["regex", "grammar"], text: str | None, param: str) -> tu
 
 def _choice(choices: list[str] | None, param: str) -> tuple[GrammarSpec, str] | None:
     return None if choices is None else (GrammarSpec("choice", json.dumps(choices)), param)
+
+
+_OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+_SUBSCHEMA += ("additionalProperties", "unevaluatedProperties")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf")  # not allOf: closing its parts would make them exclusive
+
+
+def closed(schema: object) -> object:
+    """A copy of the schema in which every object schema that lists `properties` and says nothing of other
+    properties allows none (see the module docstring). Values of enum, const, default and examples are data,
+    never walked."""
+    if not isinstance(schema, dict):
+        return schema
+    result = dict(schema)
+    if isinstance(schema.get("properties"), dict) and not any(key in schema for key in _OPEN_KEYWORDS):
+        result["additionalProperties"] = False
+    for key in _SUBSCHEMA:
+        if key in schema:
+            result[key] = closed(schema[key])
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            result[key] = {name: closed(sub) for name, sub in schema[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            result[key] = [closed(sub) for sub in schema[key]]
+    return result

@@ -1,0 +1,117 @@
+"""The server's constraint compiler: a cache by text (rejections too), a size limit checked before compiling, a
+time limit that answers 400 while the event loop stays free, and strict schemas by default."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from model.grammar import Grammar
+from server.config import Settings
+from server.constraint_protocol import closed
+from server.constraints import GrammarCompiler
+from server.errors import InvalidRequest
+from server.protocol import CompletionRequest
+
+
+def request(**fields) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": "m", "prompt": "p", **fields})
+
+
+def compile_for(compiler: GrammarCompiler, body: CompletionRequest) -> Grammar | None:
+    return asyncio.run(compiler.for_request(body))
+
+
+def test_a_constraint_is_compiled_once_and_a_refusal_is_remembered() -> None:
+    compiler = GrammarCompiler(Settings())
+    first = compile_for(compiler, request(guided_regex="[a-z]+"))
+    assert compile_for(compiler, request(structured_outputs={"regex": "[a-z]+"})) is first
+    assert compile_for(compiler, request(guided_regex="[a-z]*")) is not first
+    for _ in range(2):
+        with pytest.raises(InvalidRequest, match="unclosed character class"):
+            compile_for(compiler, request(guided_regex="[a-"))
+    assert len(compiler.cache) == 3
+
+
+def test_the_cache_keeps_the_most_recently_used() -> None:
+    compiler = GrammarCompiler(Settings(grammar_cache_size=2))
+    a = compile_for(compiler, request(guided_regex="a"))
+    compile_for(compiler, request(guided_regex="b"))
+    assert compile_for(compiler, request(guided_regex="a")) is a  # a is now the most recent
+    compile_for(compiler, request(guided_regex="c"))  # b goes
+    assert [spec.text for spec in compiler.cache] == ["a", "c"]
+
+
+def test_no_constraint_compiles_nothing() -> None:
+    assert compile_for(GrammarCompiler(Settings()), request(response_format={"type": "text"})) is None
+
+
+def test_a_constraint_over_the_size_limit_is_refused_before_compiling() -> None:
+    compiler = GrammarCompiler(Settings(grammar_max_bytes=64))
+    with pytest.raises(InvalidRequest, match="at most 64") as refused:
+        compile_for(compiler, request(guided_choice=["x" * 40, "y" * 40]))
+    assert refused.value.param == "guided_choice"
+    assert not compiler.cache
+
+
+def big_schema(properties: int) -> dict:
+    pattern = {"type": "string", "pattern": "^[a-z]{3,9}[0-9]+$"}
+    return {"type": "object", "properties": {f"p{i}": pattern for i in range(properties)}}
+
+
+def test_a_compile_over_the_time_limit_is_a_400_and_the_event_loop_stays_free() -> None:
+    compiler = GrammarCompiler(Settings(grammar_compile_timeout=0.05, grammar_max_bytes=10**6))
+
+    async def scenario() -> float:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        started = time.perf_counter()
+        with pytest.raises(InvalidRequest, match=r"took more than 0\.05 s") as refused:
+            await compiler.for_request(request(guided_json=big_schema(1500)))
+        waited = time.perf_counter() - started
+        ticker.cancel()
+        assert refused.value.param == "guided_json"
+        assert ticks >= 3  # the loop ran while the compile did
+        return waited
+
+    assert asyncio.run(scenario()) < 1.0
+    compiler.shutdown()
+
+
+def test_strict_schemas_close_objects_that_list_their_properties() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "inner": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "open": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
+            "any": {"type": "object"},
+            "list": {"type": "array", "items": {"properties": {"b": {}}}},
+            "choice": {"anyOf": [{"properties": {"c": {}}}, {"type": "null"}]},
+            "data": {"enum": [{"properties": {"d": 1}}]},
+        },
+        "$defs": {"thing": {"properties": {"e": {}}}},
+        "allOf": [{"properties": {"f": {}}}],
+    }
+    result = closed(schema)
+    assert result["additionalProperties"] is False
+    props = result["properties"]
+    assert props["inner"]["additionalProperties"] is False
+    assert props["open"]["additionalProperties"] == {"type": "string"}
+    assert "additionalProperties" not in props["any"]  # any object stays any object
+    assert props["list"]["items"]["additionalProperties"] is False
+    assert props["choice"]["anyOf"][0]["additionalProperties"] is False
+    assert props["data"] == schema["properties"]["data"]  # data, not a schema
+    assert result["$defs"]["thing"]["additionalProperties"] is False
+    assert result["allOf"] == schema["allOf"]
+    assert "additionalProperties" not in schema  # the request's own schema is left as it was
+    assert json.loads(json.dumps(result))  # still JSON
