@@ -78,26 +78,38 @@ MAX_NAMED_FIELDS = 16  # unknown fields named in the response header, at most
 
 
 def unknown_fields(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
-    """The keys of `data` that `model` does not declare, and those of its nested objects (`stream_options.x`)."""
+    """The keys of `data` that `model` does not declare (by name or alias), and those of its nested objects
+    (`stream_options.x`). A field that holds one of several models is checked against the one that declares
+    most of the object's own keys (`response_format` of type `json_schema`)."""
+    fields = declared(model)
     found = []
     for key, value in data.items():
-        field = model.model_fields.get(key)
+        field = fields.get(key)
         if field is None:
             found.append(prefix + key)
-        elif isinstance(value, dict) and (nested := nested_model(field.annotation)) is not None:
-            found += unknown_fields(value, nested, f"{prefix}{key}.")
-        elif isinstance(value, list) and (nested := nested_model(field.annotation)) is not None:
-            for number, item in enumerate(value):
-                if isinstance(item, dict):
-                    found += unknown_fields(item, nested, f"{prefix}{key}[{number}].")
+            continue
+        nested = nested_models(field.annotation)
+        if not nested:  # a plain value, or a list of them (a million token ids are never walked)
+            continue
+        items = [(f"{prefix}{key}.", value)] if isinstance(value, dict) else []
+        if isinstance(value, list):
+            items = [(f"{prefix}{key}[{number}].", item) for number, item in enumerate(value) if isinstance(item, dict)]
+        for where, item in items:
+            best = min(nested, key=lambda kind, item=item: sum(key not in declared(kind) for key in item))
+            found += unknown_fields(item, best, where)
     return found
 
 
-def nested_model(annotation: object) -> type[BaseModel] | None:
-    """The model a field holds, alone or in a list, through unions and Annotated (`list[ChatMessage]`)."""
+def declared(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's fields by the names a body uses for them: their alias where they have one."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
+def nested_models(annotation: object) -> list[type[BaseModel]]:
+    """The models a field holds, alone or in a list, through unions and Annotated (`list[ChatMessage]`)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next((kind for arg in typing.get_args(annotation) if (kind := nested_model(arg)) is not None), None)
+        return [annotation]
+    return [kind for arg in typing.get_args(annotation) for kind in nested_models(arg)]
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\[\]-]{1,64}")

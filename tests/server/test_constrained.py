@@ -297,3 +297,24 @@ def test_a_constraint_the_server_cannot_compile_is_a_400_naming_the_field(
     error = response.json()["error"]
     assert error["param"].startswith(param), error
     assert error["message"]
+
+
+def test_the_constraint_fields_are_known_fields_and_unknown_ones_inside_are_named(bundled: ServerProcess) -> None:
+    schema_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "r", "description": "d", "schema": {}, "strict": True},
+    }
+    for fields in (
+        {"response_format": schema_format},
+        {"response_format": {"type": "json_object"}},
+        {"structured_outputs": {"json": {"type": "object"}}},
+        {"structured_outputs": {"choice": ["a"]}},
+    ):
+        body = {"model": TEST_MODEL, "prompt": PROMPT, "max_tokens": 1, **fields}
+        response = httpx.post(f"{bundled.url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        assert "x-windowlm-ignored-fields" not in response.headers, fields
+    unknown = {"type": "json_schema", "json_schema": {"name": "r", "schema": {}, "shape": 1}, "extra": 2}
+    body = {"model": TEST_MODEL, "prompt": PROMPT, "max_tokens": 1, "response_format": unknown}
+    response = httpx.post(f"{bundled.url}/v1/completions", json=body, timeout=30)
+    assert response.headers["x-windowlm-ignored-fields"] == "response_format.json_schema.shape, response_format.extra"
