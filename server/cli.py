@@ -10,6 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from server.bench.arrivals import add_arrivals_bench_arguments
     from server.bench.chat import add_chat_bench_arguments
+    from server.bench.constrained import add_constrained_bench_arguments
     from server.bench.decode import add_decode_bench_arguments
     from server.bench.prompt import add_prompt_bench_arguments
     from server.bench.serve import add_serve_bench_arguments
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_bench_arguments(bench_kinds.add_parser("prompt", help="time to first token against prompt length"))
     add_arrivals_bench_arguments(bench_kinds.add_parser("arrivals", help="what simultaneous prompts cost"))
     add_threads_bench_arguments(bench_kinds.add_parser("threads", help="decode speed against thread settings"))
+    add_constrained_bench_arguments(
+        bench_kinds.add_parser("constrained", help="decode speed under a JSON schema, and compile times")
+    )
     return parser
 
 
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from server.bench.arrivals import run_arrivals_bench
         from server.bench.chat import run_chat_bench
+        from server.bench.constrained import run_constrained_bench
         from server.bench.decode import run_decode_bench
         from server.bench.prompt import run_prompt_bench
         from server.bench.serve import run_serve_bench
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
         benches = {"decode": run_decode_bench, "serve": run_serve_bench, "soak": run_soak_bench}
         benches.update(chat=run_chat_bench, prompt=run_prompt_bench, arrivals=run_arrivals_bench)
-        benches.update(threads=run_threads_bench)
+        benches.update(threads=run_threads_bench, constrained=run_constrained_bench)
         run = benches[args.bench]
         print(json.dumps(run(args), indent=2))
         return 0

@@ -1,8 +1,10 @@
-// The playground page: two modes (chat, completion) that stream from this server's API, the model's facts,
-// live timings, and the receptive-field bands over the text once an answer is in.
+// The playground page: two modes (chat, completion) that stream from this server's API, with an optional
+// constraint on the text, the model's facts, live timings, and the receptive-field bands over the text once an
+// answer is in.
 
 import { describe, readEvents, request } from "./api.js";
 import { describeBands, renderBands } from "./bands.js";
+import { ConstraintBox, ConstraintError } from "./constraint.js";
 import { Conversation, scriptPrompt, transcript } from "./conversation.js";
 import * as settings from "./settings.js";
 import { Meter } from "./meter.js";
@@ -30,6 +32,12 @@ const ui = {
   windowLegend: $("window-legend"),
 };
 const conversation = new Conversation($("conversation"));
+const constraint = new ConstraintBox({
+  select: $("constraint-kind"),
+  textarea: $("constraint-text"),
+  label: $("constraint-label"),
+  note: $("constraint-note"),
+});
 const state = {
   mode: "chat",
   card: null, // the model's entry in /v1/models, once the server has answered
@@ -39,9 +47,14 @@ const state = {
 const encoder = new TextEncoder();
 
 function showError(error) {
-  ui.error.textContent = describe(error);
+  const message = error instanceof ConstraintError ? error.message : describe(error);
+  ui.error.textContent = message;
+  ui.error.dataset.lines = message.trim().includes("\n") ? "many" : "one";
   ui.error.hidden = false;
   if (error.status === 401) ui.key.focus();
+  if (/^(response_format|structured_outputs)\b/.test(error.param ?? "")) {
+    constraint.markInvalid("The server cannot use this constraint: its message is at the top of the page.");
+  }
 }
 
 function clearError() {
@@ -100,7 +113,7 @@ async function loadFacts() {
 
 function remember() {
   const params = settings.formValues(ui.params);
-  settings.saveStored({ params, mode: state.mode, system: ui.system.value });
+  settings.saveStored({ params, mode: state.mode, system: ui.system.value, constraint: constraint.stored() });
 }
 
 function setMode(mode) {
@@ -186,18 +199,31 @@ function prepare(mode) {
   return { path: "v1/chat/completions", fields: { messages }, sink: (text) => conversation.extend(text), undo };
 }
 
+/** {fields}: the constraint's request fields; null (with the reason shown) when the page will not send it. */
+function constrain() {
+  try {
+    return { fields: constraint.fields() };
+  } catch (error) {
+    if (!(error instanceof ConstraintError)) throw error;
+    showError(error);
+    return null;
+  }
+}
+
 async function run() {
   if (state.controller) return;
   state.controller = new AbortController(); // taken now: a second press while the facts load starts nothing
   if (!state.card) await loadFacts();
   const mode = state.mode;
-  const job = state.card && prepare(mode);
+  const constrained = state.card && constrain();
+  const job = constrained && prepare(mode);
   if (!job) {
     state.controller = null;
     return;
   }
   const { body, seed } = settings.requestFields(ui.params, mode);
-  Object.assign(body, job.fields, { model: state.card.id, stream: true, stream_options: { include_usage: true } });
+  Object.assign(body, constrained.fields, job.fields, { model: state.card.id, stream: true });
+  body.stream_options = { include_usage: true };
   const meter = new Meter(ui.stats);
   let answer = "";
   setRunning(true);
@@ -262,6 +288,7 @@ function debounce(action, ms) {
 function start() {
   const stored = settings.loadStored();
   settings.restoreForm(ui.params, stored.params);
+  constraint.restore(stored.constraint);
   if (typeof stored.system === "string") ui.system.value = stored.system;
   ui.key.value = settings.loadKey();
   if (window.matchMedia("(max-width: 800px)").matches) ui.parameters.open = false;
@@ -273,6 +300,8 @@ function start() {
   ui.clear.addEventListener("click", clearWork);
   ui.params.addEventListener("input", remember);
   ui.system.addEventListener("input", remember);
+  $("constraint").addEventListener("input", remember);
+  $("constraint").addEventListener("change", remember);
   $("reset").addEventListener("click", () => {
     settings.resetForm(ui.params);
     remember();

@@ -1,20 +1,37 @@
 """The playground in a real headless Chromium against real servers: answers stream in over many paints in both
 modes, Stop and Escape free the server's slot, the server's own error messages reach the page (a 400 naming the
 parameter, a 401 asking for the key, an error inside the stream), settings survive a reload, the receptive-field
-bands cover the right bytes, and the page fits a phone in either colour scheme. Screenshots of both modes are
-saved to $WINDOWLM_ARTIFACTS (else a temporary folder, printed)."""
+bands cover the right bytes, and the page fits a phone in either colour scheme. Each kind of constraint is sent
+under the field the API names and holds the answer to it; a schema that is not JSON is never sent, and the
+server's word on a pattern or grammar it cannot compile is shown. Screenshots of both modes and of a constrained
+answer are saved to $WINDOWLM_ARTIFACTS (else a temporary folder, printed)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 
-from tests.browser.conftest import API_KEY, FAULT_MARKER, browser_missing
+from tests.browser.conftest import (
+    API_KEY,
+    FAULT_MARKER,
+    browser_missing,
+    choose_mode,
+    element,
+    finished,
+    model_card,
+    open_page,
+    screenshot,
+    set_constraint,
+    set_field,
+    wait,
+)
 from tests.server.conftest import ServerProcess
 
 MISSING = browser_missing()
@@ -24,13 +41,10 @@ if MISSING is not None:
     pytest.skip(MISSING, allow_module_level=True)
 
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402 - once the browser is known
-from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 ANSWER = "#conversation .assistant:last-child .content"
 EDITOR = "#editor"
-WAIT = 30  # seconds: a guard against a hang, never a pause
 
 # Records, at every animation frame, how long the text of the element `arguments[0]` is (a textarea's value,
 # else its text): each distinct length seen is text that was painted.
@@ -46,39 +60,21 @@ function frame() {
 }
 requestAnimationFrame(frame);
 """
-
-
-def wait(driver: Any, condition: Any, timeout: float = WAIT) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda _: condition())
-
-
-def element(driver: Any, selector: str) -> Any:
-    return driver.find_element(By.CSS_SELECTOR, selector)
-
-
-def open_page(driver: Any, server: ServerProcess, *, fresh: bool = True) -> None:
-    """Load the playground; `fresh` forgets what an earlier test stored; wait for the model's facts (or an error)."""
-    driver.get(server.url + "/")
-    if fresh:
-        driver.execute_script("localStorage.clear()")
-        driver.get(server.url + "/")
-    wait(driver, lambda: "window" in element(driver, "#facts").text or element(driver, "#error").is_displayed())
-
-
-def set_field(driver: Any, name: str, value: str) -> None:
-    field = element(driver, f'#params [name="{name}"]')
-    field.clear()
-    field.send_keys(value)
-
-
-def choose_mode(driver: Any, mode: str) -> None:
-    element(driver, f"#mode-{mode}").click()
-    wait(driver, lambda: element(driver, f"#{mode}").is_displayed())
-
-
-def finished(driver: Any) -> bool:
-    """The answer is over (Send turns disabled as soon as it starts, at the click or the key)."""
-    return element(driver, "#send").is_enabled()
+# Keeps the JSON body of every request the page sends in window.sent, then sends it on.
+RECORD_REQUESTS = """
+window.sent = [];
+const send = window.fetch;
+window.fetch = (path, options) => {
+  if (options?.body) window.sent.push(JSON.parse(options.body));
+  return send(path, options);
+};
+"""
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
 
 
 def streamed(driver: Any, selector: str, start: Any) -> list[int]:
@@ -101,17 +97,6 @@ def check_bands(driver: Any, text: str, card: dict) -> None:
     assert 0 <= int(bands.get_attribute("data-field-bytes")) - min(size, card["receptive_field"]) <= 3
     assert 0 <= int(bands.get_attribute("data-window-bytes")) - min(size, card["attention_span"]) <= 3
     assert text.endswith(window.get_attribute("textContent"))
-
-
-def screenshot(driver: Any, folder: Path, name: str) -> None:
-    driver.execute_script("document.getElementById('bands').scrollIntoView({block: 'end'})")
-    path = folder / name
-    driver.save_screenshot(str(path))
-    print(f"screenshot: {path}")
-
-
-def model_card(server: ServerProcess) -> dict:
-    return httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"][0]
 
 
 def test_a_chat_answer_streams_in_many_paints(browser: Any, bundled: ServerProcess, artifacts: Path) -> None:
@@ -251,3 +236,105 @@ def test_the_page_fits_a_phone_in_the_dark(browser: Any, bundled: ServerProcess)
     finally:
         browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
         browser.set_window_size(1280, 900)
+
+
+def constrained_answer(driver: Any, prompt: str) -> tuple[str, dict]:
+    """Generate after `prompt` at temperature 0; the text generated and the request body the page sent."""
+    choose_mode(driver, "completion")
+    set_field(driver, "temperature", "0")
+    set_field(driver, "max_tokens", "60")
+    editor = element(driver, EDITOR)
+    editor.clear()
+    editor.send_keys(prompt)
+    driver.execute_script(RECORD_REQUESTS)
+    element(driver, "#send").click()
+    wait(driver, lambda: finished(driver))
+    assert not element(driver, "#error").is_displayed(), element(driver, "#error").text
+    (body,) = driver.execute_script("return window.sent")
+    return editor.get_attribute("value").removeprefix(prompt), body
+
+
+def test_a_json_schema_holds_a_completion(browser: Any, bundled: ServerProcess, artifacts: Path) -> None:
+    open_page(browser, bundled)
+    set_constraint(browser, "json_schema", json.dumps(SCHEMA))
+    text, body = constrained_answer(browser, "ROMEO.\nShall I hear more, or shall I speak at this?\n")
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "playground", "schema": SCHEMA}}
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert "finish: stop" in element(browser, "#stats").text
+    browser.set_window_size(1280, 1200)  # tall enough for the Constraint box below the parameters
+    try:
+        screenshot(browser, artifacts, "playground-constraint.png")
+    finally:
+        browser.set_window_size(1280, 900)
+
+
+@pytest.mark.parametrize(
+    ("kind", "typed", "sent", "pattern"),
+    [
+        ("json_object", "", {"response_format": {"type": "json_object"}}, r"\{.*"),
+        ("regex", "(yes|no)[.!]\n", {"structured_outputs": {"regex": "(yes|no)[.!]"}}, r"(yes|no)[.!]"),
+        ("choice", "Verona\n\nMantua \n", {"structured_outputs": {"choice": ["Verona", "Mantua "]}}, "Verona|Mantua "),
+        ("grammar", 'start: "ay" | "no"', {"structured_outputs": {"grammar": 'start: "ay" | "no"'}}, "ay|no"),
+    ],
+)
+def test_each_constraint_is_sent_as_the_api_names_it(
+    browser: Any, bundled: ServerProcess, kind: str, typed: str, sent: dict, pattern: str
+) -> None:
+    open_page(browser, bundled)
+    set_constraint(browser, kind, typed)
+    text, body = constrained_answer(browser, "JULIET.\nWhere art thou?\n")
+    assert {name: body.get(name) for name in ("response_format", "structured_outputs") if name in body} == sent
+    assert re.fullmatch(pattern, text, re.DOTALL), text
+
+
+def test_a_chat_answer_is_one_of_the_choices(browser: Any, bundled: ServerProcess) -> None:
+    open_page(browser, bundled)
+    set_field(browser, "temperature", "0")
+    set_constraint(browser, "choice", "Aye, madam.\nNo, madam.")
+    element(browser, "#chat-input").send_keys("Is it day?", Keys.ENTER)
+    wait(browser, lambda: finished(browser) and element(browser, ANSWER).text)
+    assert element(browser, ANSWER).get_attribute("textContent") in {"Aye, madam.", "No, madam."}
+    assert "finish: stop" in element(browser, "#stats").text
+
+
+def test_a_schema_that_is_not_json_is_not_sent(browser: Any, bundled: ServerProcess) -> None:
+    open_page(browser, bundled)
+    set_constraint(browser, "json_schema", '{"type": "object",')
+    browser.execute_script(RECORD_REQUESTS)
+    element(browser, "#chat-input").send_keys("Speak.", Keys.ENTER)
+    wait(browser, lambda: element(browser, "#error").is_displayed())
+    error = element(browser, "#error").text
+    assert error.startswith("The JSON schema is not valid JSON, so nothing was sent: "), error
+    assert browser.execute_script("return window.sent") == []
+    assert element(browser, "#constraint-text").get_attribute("aria-invalid") == "true"
+    assert element(browser, "#constraint-note").text == error  # by the box too: the error line may be out of view
+    assert element(browser, "#chat-input").get_attribute("value") == "Speak."  # kept, to send once it is fixed
+    assert element(browser, "#conversation").get_attribute("childElementCount") == "0"
+
+
+@pytest.mark.parametrize(
+    ("kind", "typed"), [("regex", "[a-"), ("grammar", "start: ???"), ("json_schema", '{"type": "nope"}')]
+)
+def test_what_the_server_cannot_compile_is_its_400(browser: Any, bundled: ServerProcess, kind: str, typed: str) -> None:
+    open_page(browser, bundled)
+    choose_mode(browser, "completion")
+    set_constraint(browser, kind, typed)
+    browser.execute_script(RECORD_REQUESTS)
+    element(browser, "#send").click()
+    wait(browser, lambda: element(browser, "#error").is_displayed())
+    (body,) = browser.execute_script("return window.sent")
+    expected = httpx.post(f"{bundled.url}/v1/completions", json=body).json()["error"]["message"]
+    assert ": invalid " in expected, expected  # the compiler's word, naming the field
+    assert element(browser, "#error").get_attribute("textContent") == expected
+    assert element(browser, "#constraint-text").get_attribute("aria-invalid") == "true"
+
+
+def test_the_constraint_is_kept_across_a_reload(browser: Any, bundled: ServerProcess) -> None:
+    open_page(browser, bundled)
+    set_constraint(browser, "regex", "a+")
+    set_constraint(browser, "choice", "one\ntwo")
+    open_page(browser, bundled, fresh=False)
+    assert element(browser, "#constraint-kind").get_attribute("value") == "choice"
+    assert element(browser, "#constraint-text").get_attribute("value") == "one\ntwo"
+    set_constraint(browser, "regex")  # each kind keeps its own text
+    assert element(browser, "#constraint-text").get_attribute("value") == "a+"

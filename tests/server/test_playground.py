@@ -1,6 +1,7 @@
 """The browser playground over HTTP: the page at / and its assets, all local and relative, served with their
-content types; --no-playground takes them away; with API keys the page is public and the API is not; and the
-model facts the page draws its receptive-field bands from (/v1/models: depth, attention_span, receptive_field)."""
+content types; --no-playground takes them away; with API keys the page is public and the API is not; the page's
+constraint controls; and the model facts the page draws its receptive-field bands from (/v1/models: depth,
+attention_span, receptive_field)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ KEY = "playground-key"
 TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
 JS_IMPORT = re.compile(r"""\bimport\b[^"';]*?["']([^"']+)["']""")
 CSS_URL = re.compile(r"""url\(\s*["']?([^"')]+)""")
+CONSTRAINT_KINDS = ["none", "json_object", "json_schema", "regex", "choice", "grammar"]
 
 
 class Links(HTMLParser):
@@ -100,6 +102,17 @@ def test_the_page_and_its_assets_are_local_and_typed(bundled: ServerProcess) -> 
     page = files["/"].text
     assert '<script type="module" src="playground/playground.js">' in page
     assert 'id="bands-text"' in page
+
+
+def test_the_page_has_the_constraint_controls(bundled: ServerProcess) -> None:
+    """A kind selector with every kind the API takes, a box for its text, and the module that makes the fields."""
+    page = httpx.get(f"{bundled.url}/").text
+    select = re.search(r'<select id="constraint-kind"[^>]*>(.*?)</select>', page, re.DOTALL)
+    assert select is not None
+    assert re.findall(r'<option value="([^"]+)"', select.group(1)) == CONSTRAINT_KINDS
+    assert re.search(r'<textarea id="constraint-text"', page) and 'for="constraint-text"' in page
+    script = httpx.get(f"{bundled.url}/playground/constraint.js").text
+    assert 'name: "playground"' in script and "structured_outputs" in script and "response_format" in script
 
 
 def test_every_file_of_the_folder_is_reached_from_the_page(bundled: ServerProcess) -> None:
