@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from model.grammar import GrammarSpec
+from model.grammar import GrammarError, GrammarSpec
 from server.errors import InvalidRequest
 from server.fields import STRICT, Text
 
@@ -133,6 +133,14 @@ def _text(kind: Literal["regex", "grammar"], text: str | None, param: str) -> tu
 
 def _choice(choices: list[str] | None, param: str) -> tuple[GrammarSpec, str] | None:
     return None if choices is None else (GrammarSpec("choice", json.dumps(choices)), param)
+
+
+def strict_schema(text: str) -> str:
+    """A serialised schema, closed (see `closed`); GrammarError if it is not JSON or nested too deeply."""
+    try:
+        return json.dumps(closed(json.loads(text)))
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise GrammarError(f"the schema cannot be read: {error}") from None
 
 
 _OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")

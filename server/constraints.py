@@ -10,6 +10,7 @@ so are rejections: a schema the library refused is refused again without compili
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,10 +18,12 @@ from model.grammar import Grammar, GrammarError, GrammarSpec, compile_grammar
 from server.config import Settings
 from server.constraint_protocol import ConstraintFields
 from server.errors import InvalidRequest
+from server.metrics import Metrics
 
 
 class GrammarCompiler:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
         self.max_bytes = settings.grammar_max_bytes
         self.timeout = settings.grammar_compile_timeout
         self.cache_size = settings.grammar_cache_size
@@ -45,6 +48,7 @@ class GrammarCompiler:
             compiled = await self.compile(spec, param)
         else:
             self.cache.move_to_end(spec)
+            self.count("cached")
         if isinstance(compiled, GrammarError):
             raise InvalidRequest(f"{param}: invalid {_NAMES[spec.kind]}: {compiled}", param=param)
         return compiled
@@ -52,30 +56,39 @@ class GrammarCompiler:
     async def compile(self, spec: GrammarSpec, param: str) -> Grammar | GrammarError:
         loop = asyncio.get_running_loop()
         try:
-            compiling = loop.run_in_executor(self.executor, refusal_or_grammar, spec)
-            compiled = await asyncio.wait_for(compiling, self.timeout)
+            compiling = loop.run_in_executor(self.executor, timed_compile, spec)
+            compiled, seconds = await asyncio.wait_for(compiling, self.timeout)
         except asyncio.TimeoutError:
+            self.count("timeout")
             raise InvalidRequest(
                 f"{param}: compiling the {_NAMES[spec.kind]} took more than {self.timeout:g} s "
                 "(grammar_compile_timeout)",
                 param=param,
             ) from None
+        self.count("refused" if isinstance(compiled, GrammarError) else "compiled", seconds)
         if self.cache_size:
             self.cache[spec] = compiled
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         return compiled
 
+    def count(self, outcome: str, seconds: float | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.grammar_compiled(outcome, seconds)
+
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def refusal_or_grammar(spec: GrammarSpec) -> Grammar | GrammarError:
-    """The compiled grammar, or why it cannot be compiled (whatever the library raised: the text is at fault)."""
+def timed_compile(spec: GrammarSpec) -> tuple[Grammar | GrammarError, float]:
+    """(the compiled grammar, or why it cannot be compiled, whatever the library raised: the text is at fault;
+    the seconds it took)."""
+    started = time.perf_counter()
     try:
-        return compile_grammar(spec)
+        compiled: Grammar | GrammarError = compile_grammar(spec)
     except Exception as error:
-        return error if isinstance(error, GrammarError) else GrammarError(f"{type(error).__name__}: {error}")
+        compiled = error if isinstance(error, GrammarError) else GrammarError(f"{type(error).__name__}: {error}")
+    return compiled, time.perf_counter() - started
 
 
 _NAMES = {"json_schema": "JSON schema", "regex": "regular expression", "grammar": "grammar", "choice": "choice list"}

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import threading
+from pathlib import Path
 from typing import TextIO
 
+from model.grammar import Grammar, GrammarError, GrammarSpec, compile_grammar
 from model.sampling import SamplingError, SamplingParams
 from model.threads import THREADS_HELP, configure_threads
 from model.tokenizer import ByteTokenizer
 from server.choices import ChoiceText, GenerationFailed, merge_choice_events
+from server.constraint_protocol import strict_schema
 from server.engine import Engine
 from server.engine_request import EngineRequest
 from server.metrics import Metrics
@@ -38,6 +42,23 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="read every prompt token, not only the last ones the model can still see (same logits; to compare)",
     )
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    constraint = parser.add_argument_group("constraint (one at most)").add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="SCHEMA", help="a JSON schema the text follows, or @FILE")
+    constraint.add_argument("--regex", help="a regular expression the whole text matches")
+    constraint.add_argument("--grammar", metavar="LARK", help="a Lark grammar the text follows, or @FILE")
+    constraint.add_argument("--choice", action="append", help="the text is one of these strings (repeatable)")
+
+
+def grammar_of(args: argparse.Namespace) -> Grammar | None:
+    """The constraint the arguments ask for, compiled (a schema strict, as the API has it); GrammarError or
+    OSError if it cannot be."""
+    if args.choice:
+        return compile_grammar(GrammarSpec("choice", json.dumps(args.choice)))
+    for kind, given in (("json_schema", args.json_schema), ("regex", args.regex), ("grammar", args.grammar)):
+        if given is not None:
+            text = Path(given[1:]).read_text() if kind != "regex" and given.startswith("@") else given
+            return compile_grammar(GrammarSpec(kind, strict_schema(text) if kind == "json_schema" else text))
+    return None
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -48,7 +69,8 @@ def run_generate(args: argparse.Namespace) -> int:
         model, _ = load_checkpoint(weights_folder(args.weights))
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         params.validate()
-    except (CheckpointError, SamplingError) as error:
+        grammar = grammar_of(args)
+    except (CheckpointError, SamplingError, GrammarError, OSError) as error:
         return usage_error(str(error))
     if args.max_tokens < 1:
         return usage_error("--max-tokens must be at least 1")
@@ -61,7 +83,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not prompt or (fit is not None and fit < 1):
         return usage_error(f"the prompt has {len(prompt)} tokens; this model's context is {engine.context_limit}")
 
-    request = EngineRequest(prompt, params, args.max_tokens, None, None)  # the loop is set by the reader
+    request = EngineRequest(prompt, params, args.max_tokens, None, None, grammar=grammar)  # the reader sets the loop
     outcome: list[BaseException] = []
 
     def read() -> None:

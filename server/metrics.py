@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (
 )
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRAMMAR_OUTCOMES = ("compiled", "cached", "refused", "timeout")
 REFUSAL_REASONS = ("validation", "overloaded")  # failures counted by the HTTP side, besides the engine's
 
 
@@ -78,9 +79,25 @@ class Metrics:
         self.decode_step_seconds = Histogram(
             "windowlm_decode_step_seconds", "Duration of one batched decode step", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.add_grammar_series(r)
         self.add_engine_series(r)
         for reason in (*REFUSAL_REASONS, *FAILURE_REASONS):  # every reason exported from the start, at 0
             self.request_failures.labels(model=model_name, reason=reason)
+
+    def add_grammar_series(self, r: CollectorRegistry) -> None:
+        """Constraints: how each one a request asked for fared, and how long compiling took."""
+        self.grammar_compiles = Counter(
+            "windowlm_grammar_compiles",
+            "Constraints (JSON schema, regex, grammar, choice) asked for, by outcome: compiled, cached (compiled "
+            "or refused before), refused (the library's reason: a 400), timeout (a 400)",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.grammar_compile_seconds = self.request_histogram(
+            "windowlm_grammar_compile_seconds", "Time to compile one constraint", LATENCY_BUCKETS
+        )
+        for outcome in GRAMMAR_OUTCOMES:  # every outcome exported from the start, at 0
+            self.grammar_compiles.labels(model=self.model_name, outcome=outcome)
 
     def add_engine_series(self, r: CollectorRegistry) -> None:
         """The engine's gauges and token counters (unlabelled: one engine per process)."""
@@ -117,6 +134,12 @@ class Metrics:
         """Count a request that carried fields the server ignored. The field names are the client's, so they are
         never label values (each new name would be a new series); `endpoint` is the route's own path."""
         self.requests_with_unknown_fields.labels(model=self.model_name, endpoint=endpoint).inc()
+
+    def grammar_compiled(self, outcome: str, seconds: float | None = None) -> None:
+        """Count one constraint a request asked for, and the time it took to compile when it was compiled."""
+        self.grammar_compiles.labels(model=self.model_name, outcome=outcome).inc()
+        if seconds is not None:
+            self.grammar_compile_seconds.observe(seconds)
 
     def observe_step(self, stats: StepStats) -> None:
         """Everything one engine step did."""

@@ -30,7 +30,7 @@ class ServerState:
 
     def grammar_compiler(self) -> GrammarCompiler:
         if self.grammars is None:
-            self.grammars = GrammarCompiler(self.settings)
+            self.grammars = GrammarCompiler(self.settings, self.metrics)
         return self.grammars
 
     @property

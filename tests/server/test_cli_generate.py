@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,25 @@ def test_generate_refuses_bad_arguments_clearly(checkpoint: Path) -> None:
     assert missing.returncode != 0 and "not a checkpoint folder" in missing.stderr
     bad = windowlm("generate", "hi", "--weights", str(checkpoint), "--top-p", "0")
     assert bad.returncode == 2 and "top_p" in bad.stderr
+
+
+def test_generate_follows_a_constraint(checkpoint: Path, tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"mood": {"enum": ["glad", "sad"]}}, "required": ["mood"]}')
+    common = ["--weights", str(checkpoint), "--max-tokens", "40", "--seed", "2"]
+    replies = {
+        "json": windowlm("generate", "To be", *common, "--json-schema", f"@{schema}"),
+        "regex": windowlm("generate", "To be", *common, "--regex", "[0-9]{3}-[a-z]{2}"),
+        "choice": windowlm("generate", "To be", *common, "--choice", "yes", "--choice", "no"),
+    }
+    assert all(reply.returncode == 0 for reply in replies.values()), [reply.stderr for reply in replies.values()]
+    assert replies["json"].stdout in ('{"mood":"glad"}\n', '{"mood":"sad"}\n')  # strict: no other keys
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}\n", replies["regex"].stdout)
+    assert replies["choice"].stdout in ("yes\n", "no\n")
+    refused = windowlm("generate", "To be", *common, "--regex", "[a-")
+    assert refused.returncode == 2 and "unclosed character class" in refused.stderr
+    both = windowlm("generate", "To be", *common, "--regex", "a", "--choice", "b")
+    assert both.returncode == 2 and "not allowed with" in both.stderr
 
 
 RUNTIME_ONLY = """

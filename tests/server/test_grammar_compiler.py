@@ -14,6 +14,7 @@ from server.config import Settings
 from server.constraint_protocol import closed
 from server.constraints import GrammarCompiler
 from server.errors import InvalidRequest
+from server.metrics import Metrics
 from server.protocol import CompletionRequest
 
 
@@ -25,8 +26,15 @@ def compile_for(compiler: GrammarCompiler, body: CompletionRequest) -> Grammar |
     return asyncio.run(compiler.for_request(body))
 
 
+def outcomes(metrics: Metrics) -> dict[str, float]:
+    name = "windowlm_grammar_compiles_total"
+    values = {outcome: {"model": "m", "outcome": outcome} for outcome in ("compiled", "cached", "refused", "timeout")}
+    return {outcome: metrics.registry.get_sample_value(name, labels) for outcome, labels in values.items()}
+
+
 def test_a_constraint_is_compiled_once_and_a_refusal_is_remembered() -> None:
-    compiler = GrammarCompiler(Settings())
+    metrics = Metrics("m")
+    compiler = GrammarCompiler(Settings(), metrics)
     first = compile_for(compiler, request(guided_regex="[a-z]+"))
     assert compile_for(compiler, request(structured_outputs={"regex": "[a-z]+"})) is first
     assert compile_for(compiler, request(guided_regex="[a-z]*")) is not first
@@ -34,6 +42,8 @@ def test_a_constraint_is_compiled_once_and_a_refusal_is_remembered() -> None:
         with pytest.raises(InvalidRequest, match="unclosed character class"):
             compile_for(compiler, request(guided_regex="[a-"))
     assert len(compiler.cache) == 3
+    assert outcomes(metrics) == {"compiled": 2, "cached": 2, "refused": 1, "timeout": 0}
+    assert metrics.registry.get_sample_value("windowlm_grammar_compile_seconds_count", {"model": "m"}) == 3
 
 
 def test_the_cache_keeps_the_most_recently_used() -> None:
@@ -63,7 +73,8 @@ def big_schema(properties: int) -> dict:
 
 
 def test_a_compile_over_the_time_limit_is_a_400_and_the_event_loop_stays_free() -> None:
-    compiler = GrammarCompiler(Settings(grammar_compile_timeout=0.05, grammar_max_bytes=10**6))
+    metrics = Metrics("m")
+    compiler = GrammarCompiler(Settings(grammar_compile_timeout=0.05, grammar_max_bytes=10**6), metrics)
 
     async def scenario() -> float:
         ticks = 0
@@ -85,6 +96,7 @@ def test_a_compile_over_the_time_limit_is_a_400_and_the_event_loop_stays_free() 
         return waited
 
     assert asyncio.run(scenario()) < 1.0
+    assert outcomes(metrics)["timeout"] == 1
     compiler.shutdown()
 
 
