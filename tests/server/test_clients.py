@@ -1,13 +1,15 @@
 """Client libraries as users run them, unchanged, against a real server: the openai SDK's async client and
-langchain-openai's chat and completion models, invoked and streamed."""
+langchain-openai's chat and completion models, invoked and streamed, and both asking for structured output."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 import openai
 from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI, OpenAI
+from pydantic import BaseModel, Field
 
 from tests.server.conftest import TEST_MODEL, ServerProcess
 
@@ -54,3 +56,32 @@ def test_the_async_openai_client_streams_chat_concurrently(server: ServerProcess
 
     together, alone = asyncio.run(run())
     assert together == alone
+
+
+class Verdict(BaseModel):
+    """What the structured-output clients below ask for: the model knows no JSON, the constraint does it all."""
+
+    mood: Literal["glad", "sad", "wroth"]
+    act: int = Field(ge=1, le=5)
+
+
+def test_the_openai_sdk_parses_a_structured_chat_reply_into_its_model(server: ServerProcess) -> None:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.parse(
+        model=TEST_MODEL,
+        messages=[{"role": "user", "content": "How fares the prince?"}],
+        response_format=Verdict,
+        temperature=0,
+        max_completion_tokens=100,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(choice.message.parsed, Verdict)
+
+
+def test_langchain_structured_output_gives_the_pydantic_model(server: ServerProcess) -> None:
+    model = ChatOpenAI(
+        model=TEST_MODEL, base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_tokens=100, max_retries=0
+    )
+    structured = model.with_structured_output(Verdict, method="json_schema")
+    assert isinstance(structured.invoke("How fares the prince?"), Verdict)
