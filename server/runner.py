@@ -211,6 +211,10 @@ class ModelRunner:
             self.sample_part([slots[row] for row in rows], part, output, grammar_rows)
 
     def sample_part(self, slots: list[int], logits: Tensor, output: StepOutput, constrained: bool) -> None:
+        """Sample rows that are all constrained, or all not. The grammar masks are computed after the decode step
+        was launched and before anything waits for its logits: on a GPU they overlap its forward. On a CPU the
+        forward holds every core, and the masks and matchers take 2-3 % of a step (bench constrained), so no
+        thread is spent on them."""
         allowed = None
         if constrained:
             try:
