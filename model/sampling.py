@@ -46,6 +46,7 @@ _FAILURES = {
     4: "every token is -inf in the logits or banned by logit_bias",
     5: "the constraint allows no token that the logits and logit_bias leave",
 }
+NOTHING_ALLOWED = _FAILURES[5]  # a constrained row's failure that the request caused
 
 
 class SequenceSampler:

@@ -9,6 +9,7 @@ for length before their items are validated.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -79,37 +80,53 @@ MAX_NAMED_FIELDS = 16  # unknown fields named in the response header, at most
 
 def unknown_fields(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
     """The keys of `data` that `model` does not declare (by name or alias), and those of its nested objects
-    (`stream_options.x`). A field that holds one of several models is checked against the one that declares
-    most of the object's own keys (`response_format` of type `json_schema`)."""
+    (`stream_options.x`). A field that holds one of several models is checked against the one its object names
+    in `type` (`response_format`), else the one that declares most of the object's keys."""
     fields = declared(model)
     found = []
     for key, value in data.items():
-        field = fields.get(key)
-        if field is None:
+        if key not in fields:
             found.append(prefix + key)
             continue
-        nested = nested_models(field.annotation)
+        nested = nested_models(model, key)
         if not nested:  # a plain value, or a list of them (a million token ids are never walked)
             continue
-        items = [(f"{prefix}{key}.", value)] if isinstance(value, dict) else []
-        if isinstance(value, list):
-            items = [(f"{prefix}{key}[{number}].", item) for number, item in enumerate(value) if isinstance(item, dict)]
-        for where, item in items:
-            best = min(nested, key=lambda kind, item=item: sum(key not in declared(kind) for key in item))
-            found += unknown_fields(item, best, where)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for number, item in items:
+            if isinstance(item, dict):
+                kind = nested[0] if len(nested) == 1 else best_fit(nested, item)
+                where = f"{prefix}{key}." if number is None else f"{prefix}{key}[{number}]."
+                found += unknown_fields(item, kind, where)
     return found
 
 
-def declared(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's fields by the names a body uses for them: their alias where they have one."""
-    return {field.alias or name: field for name, field in model.model_fields.items()}
+@functools.cache
+def declared(model: type[BaseModel]) -> frozenset[str]:
+    """The names a body uses for the model's fields: their alias where they have one."""
+    return frozenset(field.alias or name for name, field in model.model_fields.items())
 
 
-def nested_models(annotation: object) -> list[type[BaseModel]]:
-    """The models a field holds, alone or in a list, through unions and Annotated (`list[ChatMessage]`)."""
+@functools.cache
+def nested_models(model: type[BaseModel], key: str) -> tuple[type[BaseModel], ...]:
+    """The models the field `key` (a name or alias) holds, alone or in a list, through unions and Annotated."""
+    field = next(field for name, field in model.model_fields.items() if (field.alias or name) == key)
+    return tuple(_models_in(field.annotation))
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
-    return [kind for arg in typing.get_args(annotation) for kind in nested_models(arg)]
+    return [kind for arg in typing.get_args(annotation) for kind in _models_in(arg)]
+
+
+def best_fit(kinds: tuple[type[BaseModel], ...], item: dict[str, Any]) -> type[BaseModel]:
+    """The model of a union an object is meant as: the one whose `type` is the object's, else the one that
+    declares most of its keys."""
+    for kind in kinds:
+        tag = kind.model_fields.get("type")
+        if tag is not None and item.get("type") in typing.get_args(tag.annotation):
+            return kind
+    return max(kinds, key=lambda kind: sum(key in declared(kind) for key in item))
 
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\[\]-]{1,64}")

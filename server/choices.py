@@ -171,7 +171,12 @@ class ChoiceText:
 
 
 class GenerationFailed(Exception):
-    """A sequence failed in the engine (its logits were not finite, or the server is going away)."""
+    """A sequence failed in the engine: its logits were not finite, the server is going away, or (client_error)
+    the request's own constraint failed."""
+
+    def __init__(self, message: str, client_error: bool = False) -> None:
+        super().__init__(message)
+        self.client_error = client_error
 
 
 async def merge_choice_events(
@@ -231,7 +236,7 @@ def apply_event(choice: ChoiceText, event: TokenEvent | PromptLogprobsEvent | Fi
     elif isinstance(event, PromptLogprobsEvent):
         choice.on_prompt_logprobs(event, delta)
     elif event.reason == "error":
-        raise GenerationFailed(event.message or "generation failed")
+        raise GenerationFailed(event.message or "generation failed", event.client_error)
     else:
         choice.on_finish(delta, event.reason)
 

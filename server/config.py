@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     grammar_compile_timeout: float = Field(
         5.0, gt=0, description="seconds a request's constraint may take to compile (waiting included) before a 400"
     )
-    grammar_cache_size: int = Field(256, ge=0, description="compiled constraints kept, by their text")
+    grammar_cache_size: int = Field(
+        32, ge=0, description="compiled constraints kept, by their text (a 64 KiB one holds about 4 MiB)"
+    )
     api_key: typing.Annotated[list[str], NoDecode] = Field(
         [],
         description="require `Authorization: Bearer KEY` (repeatable; the variable takes keys separated by ,)",

@@ -9,10 +9,7 @@
 
 A request names at most one constraint. The JSON is written compact (no spaces or newlines between tokens).
 
-Schemas are strict by default, as OpenAI's strict mode and vLLM's default backend have them: an object schema
-that lists its `properties` allows no others unless it says so (`additionalProperties`, `patternProperties` or
-`unevaluatedProperties`). Otherwise a model could write keys of its own forever. `"strict": false` in
-`response_format.json_schema` keeps JSON Schema's own default (other properties allowed).
+Schemas are strict (server/strict_schema.py) unless `response_format.json_schema` says `"strict": false`.
 """
 
 from __future__ import annotations
@@ -22,9 +19,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from model.grammar import GrammarError, GrammarSpec
+from model.grammar import GrammarKind, GrammarSpec
 from server.errors import InvalidRequest
 from server.fields import STRICT, Text
+from server.strict_schema import closed, schema_size
 
 ANY_OBJECT = '{"type": "object"}'
 SchemaName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -41,7 +39,7 @@ class JsonObjectFormat(BaseModel):
 
 
 class JsonSchema(BaseModel):
-    model_config = {**STRICT, "populate_by_name": True}
+    model_config = STRICT
     name: SchemaName
     description: Text | None = None
     schema_: dict[str, Any] | bool | None = Field(None, alias="schema", description="a JSON Schema; absent: any object")
@@ -78,94 +76,65 @@ class ConstraintFields(BaseModel):
     guided_choice: Choices | None = None
     guided_grammar: Text | None = None
 
-    def grammar_spec(self) -> tuple[GrammarSpec, str] | None:
-        """(the constraint, the field that asked for it), or None; 400 if the request names more than one."""
-        found = [found for found in self._constraints() if found is not None]
+    def grammar_spec(self, max_bytes: int) -> tuple[GrammarSpec, str] | None:
+        """(the constraint, the field that asked for it), or None; 400 if the request names more than one, or one
+        longer than `max_bytes` (measured before a schema is walked)."""
+        found = [asked for asked in self._asked() if asked[1] is not None]
         if len(found) > 1:
-            names = ", ".join(param for _, param in found)
+            names = ", ".join(param for _, _, param, _ in found)
             message = f"a request takes one constraint, this one has {len(found)}: {names}"
-            raise InvalidRequest(message, param=found[1][1])
-        return found[0] if found else None
+            raise InvalidRequest(message, param=found[1][2])
+        if not found:
+            return None
+        kind, value, param, strict = found[0]
+        return _spec(kind, value, param, strict, max_bytes), param
 
-    def _constraints(self) -> list[tuple[GrammarSpec, str] | None]:
+    @property
+    def constrained(self) -> bool:
+        return any(value is not None for _, value, _, _ in self._asked())
+
+    def _asked(self) -> list[tuple[GrammarKind, Any, str, bool]]:
+        """(kind, the value given or None, its field, whether a schema is made strict) for every constraint field."""
         given = self.structured_outputs or StructuredOutputs()
         return [
             _response_format(self.response_format),
-            _schema(given.json_, "structured_outputs.json"),
-            _text("regex", given.regex, "structured_outputs.regex"),
-            _choice(given.choice, "structured_outputs.choice"),
-            _text("grammar", given.grammar, "structured_outputs.grammar"),
-            (GrammarSpec("json_schema", ANY_OBJECT), "structured_outputs.json_object") if given.json_object else None,
-            _schema(self.guided_json, "guided_json"),
-            _text("regex", self.guided_regex, "guided_regex"),
-            _choice(self.guided_choice, "guided_choice"),
-            _text("grammar", self.guided_grammar, "guided_grammar"),
+            ("json_schema", given.json_, "structured_outputs.json", True),
+            ("regex", given.regex, "structured_outputs.regex", False),
+            ("choice", given.choice, "structured_outputs.choice", False),
+            ("grammar", given.grammar, "structured_outputs.grammar", False),
+            ("json_schema", ANY_OBJECT if given.json_object else None, "structured_outputs.json_object", False),
+            ("json_schema", self.guided_json, "guided_json", True),
+            ("regex", self.guided_regex, "guided_regex", False),
+            ("choice", self.guided_choice, "guided_choice", False),
+            ("grammar", self.guided_grammar, "guided_grammar", False),
         ]
 
 
-def _response_format(given: ResponseFormat | None) -> tuple[GrammarSpec, str] | None:
+def _response_format(given: ResponseFormat | None) -> tuple[GrammarKind, Any, str, bool]:
     if given is None or given.type == "text":
-        return None
+        return "json_schema", None, "response_format", False
     if given.type == "json_object" or given.json_schema.schema_ is None:
-        return GrammarSpec("json_schema", ANY_OBJECT), "response_format"
+        return "json_schema", ANY_OBJECT, "response_format", False
     strict = given.json_schema.strict is not False
-    return _schema(given.json_schema.schema_, "response_format.json_schema.schema", strict)
+    return "json_schema", given.json_schema.schema_, "response_format.json_schema.schema", strict
 
 
-def _schema(
-    schema: dict[str, Any] | bool | str | None, param: str, strict: bool = True
-) -> tuple[GrammarSpec, str] | None:
-    """The schema (an object, or one serialised) as a spec, closed when strict; 400 if it is not JSON."""
-    if schema is None:
-        return None
+def _spec(kind: GrammarKind, value: Any, param: str, strict: bool, max_bytes: int) -> GrammarSpec:
+    """The constraint as a spec within `max_bytes`: a schema serialised (strict when asked), choices as JSON."""
     try:
-        parsed = json.loads(schema) if isinstance(schema, str) else schema
-        return GrammarSpec("json_schema", json.dumps(closed(parsed) if strict else parsed)), param
-    except json.JSONDecodeError as error:
+        size = len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else schema_size(value)
+        if size > max_bytes:
+            raise InvalidRequest(f"{param}: it is {size} bytes; this server compiles at most {max_bytes}", param=param)
+        if kind == "choice":
+            return GrammarSpec(kind, json.dumps(value))
+        if kind != "json_schema":
+            return GrammarSpec(kind, value)
+        schema = json.loads(value) if isinstance(value, str) else value
+        if schema is False:
+            raise InvalidRequest(f"{param}: the schema false allows no value at all", param=param)
+        schema = {} if schema is True else schema
+        return GrammarSpec(kind, json.dumps(closed(schema) if strict else schema))
+    except ValueError as error:  # json's errors, and an integer too long to read
         raise InvalidRequest(f"{param}: the schema is not JSON: {error}", param=param) from None
     except RecursionError:
         raise InvalidRequest(f"{param}: the schema is nested too deeply", param=param) from None
-
-
-def _text(kind: Literal["regex", "grammar"], text: str | None, param: str) -> tuple[GrammarSpec, str] | None:
-    return None if text is None else (GrammarSpec(kind, text), param)
-
-
-def _choice(choices: list[str] | None, param: str) -> tuple[GrammarSpec, str] | None:
-    return None if choices is None else (GrammarSpec("choice", json.dumps(choices)), param)
-
-
-def strict_schema(text: str) -> str:
-    """A serialised schema, closed (see `closed`); GrammarError if it is not JSON or nested too deeply."""
-    try:
-        return json.dumps(closed(json.loads(text)))
-    except (json.JSONDecodeError, RecursionError) as error:
-        raise GrammarError(f"the schema cannot be read: {error}") from None
-
-
-_OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
-_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
-_SUBSCHEMA += ("additionalProperties", "unevaluatedProperties")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf")  # not allOf: closing its parts would make them exclusive
-
-
-def closed(schema: object) -> object:
-    """A copy of the schema in which every object schema that lists `properties` and says nothing of other
-    properties allows none (see the module docstring). Values of enum, const, default and examples are data,
-    never walked."""
-    if not isinstance(schema, dict):
-        return schema
-    result = dict(schema)
-    if isinstance(schema.get("properties"), dict) and not any(key in schema for key in _OPEN_KEYWORDS):
-        result["additionalProperties"] = False
-    for key in _SUBSCHEMA:
-        if key in schema:
-            result[key] = closed(schema[key])
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(schema.get(key), dict):
-            result[key] = {name: closed(sub) for name, sub in schema[key].items()}
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(schema.get(key), list):
-            result[key] = [closed(sub) for sub in schema[key]]
-    return result

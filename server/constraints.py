@@ -1,10 +1,12 @@
 """Compiling a request's constraint: off the event loop, within the settings' limits, cached by its text.
 
 Compiles run one at a time on a thread of their own (llguidance releases the GIL while it builds a grammar), so
-that a slow one delays only other compiles, never the event loop or the engine. A request waits for its compile
-at most `grammar_compile_timeout` seconds, its wait in line included, then gets a 400; a compile that outlives
-its request runs on to llguidance's own limits and is dropped. Results are cached by the constraint's text, and
-so are rejections: a schema the library refused is refused again without compiling.
+that a slow one delays only other compiles, never the event loop or the engine. Requests for a constraint that
+is being compiled wait for that compile; at most MAX_PENDING distinct ones wait or run at once, and more are
+answered 429. A request waits at most `grammar_compile_timeout` seconds (its wait in line included), then gets a
+400; its compile runs on, to llguidance's own limits, and its result is cached for the next request. Results
+are cached by the constraint's text, and so are rejections: a schema the library refused is refused again
+without compiling. A compiled 64 KiB grammar holds about 4 MiB, so the cache is small by default.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from model.grammar import Grammar, GrammarError, GrammarSpec, compile_grammar
 from server.config import Settings
 from server.constraint_protocol import ConstraintFields
-from server.errors import InvalidRequest
+from server.errors import InvalidRequest, Overloaded
 from server.metrics import Metrics
+
+MAX_PENDING = 16  # distinct constraints compiling or waiting to
+
+Compiled = Grammar | GrammarError
 
 
 class GrammarCompiler:
@@ -27,22 +33,17 @@ class GrammarCompiler:
         self.max_bytes = settings.grammar_max_bytes
         self.timeout = settings.grammar_compile_timeout
         self.cache_size = settings.grammar_cache_size
-        self.cache: OrderedDict[GrammarSpec, Grammar | GrammarError] = OrderedDict()
+        self.cache: OrderedDict[GrammarSpec, Compiled] = OrderedDict()
+        self.pending: dict[GrammarSpec, asyncio.Future[tuple[Compiled, float]]] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="windowlm-grammar")
 
     async def for_request(self, body: ConstraintFields) -> Grammar | None:
         """The compiled constraint the request asks for, None if it asks for none; a 400 naming the field when
-        it is too long, the library refuses it, or compiling takes too long."""
-        found = body.grammar_spec()
+        it is too long, the library refuses it, or compiling takes too long; a 429 when too many wait."""
+        found = body.grammar_spec(self.max_bytes)
         if found is None:
             return None
         spec, param = found
-        size = len(spec.text.encode("utf-8", "surrogatepass"))
-        if size > self.max_bytes:
-            raise InvalidRequest(
-                f"{param}: the {_NAMES[spec.kind]} is {size} bytes; this server compiles at most {self.max_bytes}",
-                param=param,
-            )
         compiled = self.cache.get(spec)
         if compiled is None:
             compiled = await self.compile(spec, param)
@@ -53,11 +54,16 @@ class GrammarCompiler:
             raise InvalidRequest(f"{param}: invalid {_NAMES[spec.kind]}: {compiled}", param=param)
         return compiled
 
-    async def compile(self, spec: GrammarSpec, param: str) -> Grammar | GrammarError:
-        loop = asyncio.get_running_loop()
+    async def compile(self, spec: GrammarSpec, param: str) -> Compiled:
+        pending = self.pending.get(spec)
+        if pending is None:
+            if len(self.pending) >= MAX_PENDING:
+                raise Overloaded(f"{MAX_PENDING} constraints are being compiled; retry later", code="overloaded")
+            pending = asyncio.get_running_loop().run_in_executor(self.executor, timed_compile, spec)
+            self.pending[spec] = pending
+            pending.add_done_callback(lambda done: self.finished(spec, done))
         try:
-            compiling = loop.run_in_executor(self.executor, timed_compile, spec)
-            compiled, seconds = await asyncio.wait_for(compiling, self.timeout)
+            compiled, _ = await asyncio.wait_for(asyncio.shield(pending), self.timeout)
         except asyncio.TimeoutError:
             self.count("timeout")
             raise InvalidRequest(
@@ -65,12 +71,19 @@ class GrammarCompiler:
                 "(grammar_compile_timeout)",
                 param=param,
             ) from None
+        return compiled
+
+    def finished(self, spec: GrammarSpec, done: asyncio.Future[tuple[Compiled, float]]) -> None:
+        """A compile ended (on the event loop): count it and cache what it gave, whoever still waits."""
+        self.pending.pop(spec, None)
+        if done.cancelled() or done.exception() is not None:
+            return
+        compiled, seconds = done.result()
         self.count("refused" if isinstance(compiled, GrammarError) else "compiled", seconds)
         if self.cache_size:
             self.cache[spec] = compiled
             while len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
-        return compiled
 
     def count(self, outcome: str, seconds: float | None = None) -> None:
         if self.metrics is not None:
@@ -80,12 +93,12 @@ class GrammarCompiler:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def timed_compile(spec: GrammarSpec) -> tuple[Grammar | GrammarError, float]:
+def timed_compile(spec: GrammarSpec) -> tuple[Compiled, float]:
     """(the compiled grammar, or why it cannot be compiled, whatever the library raised: the text is at fault;
     the seconds it took)."""
     started = time.perf_counter()
     try:
-        compiled: Grammar | GrammarError = compile_grammar(spec)
+        compiled: Compiled = compile_grammar(spec)
     except Exception as error:
         compiled = error if isinstance(error, GrammarError) else GrammarError(f"{type(error).__name__}: {error}")
     return compiled, time.perf_counter() - started

@@ -217,6 +217,8 @@ class Engine:
                 finish.request.emit(FinishEvent(finish.reason))
             elif finish.reason in ("error", "stalled"):  # a stalled request's reader may still see why
                 finish.request.emit(FinishEvent("error", finish.message))
+            elif finish.reason == "refused":
+                finish.request.emit(FinishEvent("error", finish.message, client_error=True))
         self.metrics.observe_step(stats)
         return not plan.empty
 

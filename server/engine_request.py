@@ -41,6 +41,7 @@ class PromptLogprobsEvent:
 class FinishEvent:
     reason: str  # "stop" | "length" | "error" (a cancelled request gets no event: nobody reads it)
     message: str | None = None
+    client_error: bool = False  # an error the request caused (its constraint failed): a 400, not a 500
 
 
 _request_ids = itertools.count()

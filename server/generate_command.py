@@ -11,16 +11,16 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
-from model.grammar import Grammar, GrammarError, GrammarSpec, compile_grammar
+from model.grammar import Grammar, GrammarSpec, compile_grammar
 from model.sampling import SamplingError, SamplingParams
 from model.threads import THREADS_HELP, configure_threads
 from model.tokenizer import ByteTokenizer
 from server.choices import ChoiceText, GenerationFailed, merge_choice_events
-from server.constraint_protocol import strict_schema
 from server.engine import Engine
 from server.engine_request import EngineRequest
 from server.metrics import Metrics
 from server.scheduler import tokens_that_fit
+from server.strict_schema import strict_schema_text
 
 USAGE_ERROR = 2
 
@@ -50,14 +50,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def grammar_of(args: argparse.Namespace) -> Grammar | None:
-    """The constraint the arguments ask for, compiled (a schema strict, as the API has it); GrammarError or
-    OSError if it cannot be."""
+    """The constraint the arguments ask for, compiled (a schema strict, as the API has it); GrammarError,
+    ValueError or OSError if it cannot be."""
     if args.choice:
         return compile_grammar(GrammarSpec("choice", json.dumps(args.choice)))
     for kind, given in (("json_schema", args.json_schema), ("regex", args.regex), ("grammar", args.grammar)):
         if given is not None:
             text = Path(given[1:]).read_text() if kind != "regex" and given.startswith("@") else given
-            return compile_grammar(GrammarSpec(kind, strict_schema(text) if kind == "json_schema" else text))
+            return compile_grammar(GrammarSpec(kind, strict_schema_text(text) if kind == "json_schema" else text))
     return None
 
 
@@ -70,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         params.validate()
         grammar = grammar_of(args)
-    except (CheckpointError, SamplingError, GrammarError, OSError) as error:
+    except (CheckpointError, SamplingError, ValueError, OSError, RecursionError) as error:
         return usage_error(str(error))
     if args.max_tokens < 1:
         return usage_error("--max-tokens must be at least 1")

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from server.choices import ChoiceDelta, ChoiceText, GenerationFailed, TokenLogprob, merge_choice_events
 from server.engine import Engine, EngineOverloaded, EngineStopped
 from server.engine_request import EngineRequest
-from server.errors import APIError, Overloaded, Unavailable, error_body
+from server.errors import APIError, InvalidRequest, Overloaded, Unavailable, error_body
 from server.http_protocol import PEER_CLOSED
 from server.protocol import StreamOptions, Usage
 from server.sse import DONE, PING, sse_data
@@ -114,7 +114,7 @@ class GenerationRun:
                     if delta.changed:
                         yield chunk([choice_json(delta)], usage_field())
         except GenerationFailed as error:
-            yield sse_data(error_body(str(error), "server_error"))
+            yield sse_data(error_body(str(error), "invalid_request_error" if error.client_error else "server_error"))
         else:
             if include_usage:
                 yield chunk([], {"usage": self.usage().model_dump()})
@@ -141,7 +141,7 @@ class GenerationRun:
         try:
             gathering.result()
         except GenerationFailed as error:
-            raise APIError(str(error)) from error
+            raise (InvalidRequest if error.client_error else APIError)(str(error)) from error
         for choice in self.choices:
             collected[choice.index].finish_reason = choice.finish_reason
             collected[choice.index].total_logprob = choice.total_logprob

@@ -158,6 +158,8 @@ class Metrics:
         for finish in stats.finishes:
             if finish.reason in FAILURE_REASONS:
                 self.failed(finish.reason)
+            elif finish.reason == "refused":  # the request's own fault, found while generating
+                self.failed("validation")
             if finish.started:
                 request = finish.request
                 self.e2e_latency.observe(time.perf_counter() - request.arrived_at)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from model.decoder import Decoder
 from model.grammar import GrammarError, GrammarMatcher, masks
-from model.sampling import ENDED_TOKEN, FAILED_TOKEN, SampleResult, SequenceSampler, sample_batch
+from model.sampling import ENDED_TOKEN, FAILED_TOKEN, NOTHING_ALLOWED, SampleResult, SequenceSampler, sample_batch
 from model.transformer import LocalTransformer
 from server.engine_request import EngineRequest, PromptLogprobsEvent
 from server.faults import FaultInjector
@@ -201,32 +201,47 @@ class ModelRunner:
     def sample(self, slots: list[int], logits: Tensor, output: StepOutput) -> None:
         """One token for each of `slots` from its row of logits (B, V); a row that cannot be sampled fails.
         Unconstrained rows are sampled as a batch of their own, exactly as they would be without the others;
-        constrained ones under their grammars' masks, and may end their text instead of taking a token."""
-        constrained = [self.matchers[slot] is not None for slot in slots]
-        for grammar_rows in (False, True):
-            rows = [row for row, flag in enumerate(constrained) if flag == grammar_rows]
-            if not rows:
-                continue
-            part = logits if len(rows) == len(slots) else logits[torch.tensor(rows, device=logits.device)]
-            self.sample_part([slots[row] for row in rows], part, output, grammar_rows)
+        constrained ones under their grammars' masks, and may end their text instead of taking a token.
 
-    def sample_part(self, slots: list[int], logits: Tensor, output: StepOutput, constrained: bool) -> None:
-        """Sample rows that are all constrained, or all not. The grammar masks are computed after the decode step
-        was launched and before anything waits for its logits: on a GPU they overlap its forward. On a CPU the
-        forward holds every core, and the masks and matchers take 2-3 % of a step (bench constrained), so no
-        thread is spent on them."""
-        allowed = None
-        if constrained:
-            try:
-                allowed = masks([self.matchers[slot] for slot in slots], logits.device)  # (B, V + 1)
-            except Exception as error:
-                logger.exception("computing the grammar masks of %d rows failed", len(slots))
-                output.errors.update((slot, f"the constraint failed: {error}") for slot in slots)
-                return
+        The masks are computed first, before anything waits for the logits: on a GPU they overlap the decode
+        step's forward. On a CPU the forward holds every core, and masks and matchers take 2-3 % of a step
+        (bench constrained), so no thread is spent on them."""
+        rows = {slot: row for row, slot in enumerate(slots)}
+        constrained = [slot for slot in slots if self.matchers[slot] is not None]
+        constrained, allowed = self.grammar_masks(constrained, output) if constrained else ([], None)
+        plain = [slot for slot in slots if self.matchers[slot] is None]
+        for part_slots, part_allowed in ((plain, None), (constrained, allowed)):
+            if not part_slots:
+                continue
+            part = logits
+            if len(part_slots) < len(slots):
+                part = logits[torch.tensor([rows[slot] for slot in part_slots], device=logits.device)]
+            self.sample_part(part_slots, part, output, part_allowed)
+
+    def grammar_masks(self, slots: list[int], output: StepOutput) -> tuple[list[int], Tensor | None]:
+        """The next-token masks of constrained slots -> (the slots whose grammars have not failed, their masks
+        (B, V + 1) on the device). A grammar that failed (a limit, an empty language) fails its request."""
+        try:
+            allowed = masks([self.matchers[slot] for slot in slots], self.device)  # (B, V + 1)
+        except Exception as error:
+            logger.exception("computing the grammar masks of %d rows failed", len(slots))
+            output.errors.update((slot, f"the constraint failed: {error}") for slot in slots)
+            return [], None
+        failed = {slot: error for slot in slots if (error := self.matchers[slot].error) is not None}
+        output.refused.update((slot, f"the constraint failed: {error}") for slot, error in failed.items())
+        if not failed:
+            return slots, allowed
+        kept = [row for row, slot in enumerate(slots) if slot not in failed]
+        return [slots[row] for row in kept], allowed[torch.tensor(kept, device=allowed.device)] if kept else None
+
+    def sample_part(self, slots: list[int], logits: Tensor, output: StepOutput, allowed: Tensor | None) -> None:
+        """Sample rows that are all unconstrained (allowed None), or all constrained by the masks `allowed`."""
         result = self.sample_rows([self.samplers[slot] for slot in slots], logits, allowed)
         tokens, logprobs = result.tokens.tolist(), result.logprobs.tolist()  # one device sync for the batch
         for row, slot in enumerate(slots):
-            if result.errors[row] is not None:
+            if result.errors[row] == NOTHING_ALLOWED:  # the request's constraint and logit_bias leave nothing
+                output.refused[slot] = f"sampling failed: {result.errors[row]}"
+            elif result.errors[row] is not None:
                 output.errors[slot] = f"sampling failed: {result.errors[row]}"
             elif tokens[row] == ENDED_TOKEN:
                 output.ended.append(slot)
@@ -236,14 +251,14 @@ class ModelRunner:
 
     def advance_grammar(self, slot: int, token: int, output: StepOutput) -> bool | None:
         """Move the slot's grammar past its sampled token -> whether the grammar is now complete (False for an
-        unconstrained slot); None, and the slot fails, if the grammar refuses the token."""
+        unconstrained slot); None, and the request fails, if the grammar refuses the token or goes over a limit."""
         matcher = self.matchers[slot]
         if matcher is None:
             return False
         try:
             matcher.consume(token)
         except GrammarError as error:
-            output.errors[slot] = f"the constraint failed: {error}"
+            output.refused[slot] = f"the constraint failed: {error}"
             return None
         return matcher.complete
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 from server.engine_request import EngineRequest, PromptLogprobsEvent
 
-FinishReason = Literal["stop", "length", "cancelled", "error", "stalled"]
+FinishReason = Literal["stop", "length", "cancelled", "error", "refused", "stalled"]  # refused: the request's fault
 FAILURE_REASONS = ("cancelled", "error", "stalled")
 
 
@@ -104,6 +104,7 @@ class StepOutput:
     read: list[PromptChunk] = field(default_factory=list)
     sampled: list[SampledToken] = field(default_factory=list)
     ended: list[int] = field(default_factory=list)  # slots whose grammar ended their text instead of a token
+    refused: dict[int, str] = field(default_factory=dict)  # slots the request itself failed (its constraint)
     errors: dict[int, str] = field(default_factory=dict)
     prompt_logprobs: dict[int, PromptLogprobsEvent] = field(default_factory=dict)  # by slot, of chunks read
     decode_seconds: float | None = None  # the batched decode step and its sampling, when there was one
@@ -284,6 +285,8 @@ class Scheduler:
                 self.finish(chunk.slot, "length")
         for index, message in output.errors.items():
             self.finish(index, "error", message)
+        for index, message in output.refused.items():
+            self.finish(index, "refused", message)
         for sample in output.sampled:
             self.token_sampled(sample.slot, sample.token, sample.completes)
         for index in output.ended:

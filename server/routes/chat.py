@@ -110,7 +110,7 @@ def chat_spec(body: ChatCompletionRequest, template: ChatTemplate, settings: Set
         max_tokens=max_tokens,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         # A byte model's end of turn is a stop string; a constraint ends the reply where its grammar does.
-        extra_stop=() if body.ignore_eos or body.grammar_spec() else template.stop,
+        extra_stop=() if body.ignore_eos or body.constrained else template.stop,
         length_param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
     )
 

@@ -5,6 +5,7 @@ that max_tokens ends is a valid beginning of one; what the library refuses is a 
 from __future__ import annotations
 
 import json
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,10 +123,22 @@ def test_strict_false_lets_an_object_hold_properties_its_schema_does_not_list(bu
 
 
 def test_json_object_mode_gives_an_object(bundled: ServerProcess) -> None:
-    reply = complete(bundled, temperature=0, max_tokens=400, response_format={"type": "json_object"})["choices"][0]
-    assert reply["text"].startswith("{")
-    if reply["finish_reason"] == "stop":
+    close_soon = {"125": 8}  # "}": the bundled model knows no JSON, and would run on in a key forever
+    fields = {"temperature": 1.0, "seed": 4, "n": 3, "logit_bias": close_soon, "max_tokens": 100}
+    replies = complete(bundled, response_format={"type": "json_object"}, **fields)["choices"]
+    replies += complete(bundled, structured_outputs={"json_object": True}, **fields)["choices"]
+    for reply in replies:
+        assert reply["finish_reason"] == "stop", reply
         assert isinstance(json.loads(reply["text"]), dict)
+
+
+def test_schema_true_allows_any_value_and_false_none(bundled: ServerProcess) -> None:
+    reply = complete(bundled, temperature=0, max_tokens=40, guided_json=True, logit_bias={"48": 10})["choices"][0]
+    assert reply["finish_reason"] == "stop"
+    json.loads(reply["text"])
+    body = {"model": TEST_MODEL, "prompt": PROMPT, "guided_json": False}
+    response = httpx.post(f"{bundled.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "guided_json"
 
 
 @pytest.mark.parametrize(
@@ -213,16 +226,20 @@ def test_a_reply_that_max_tokens_ends_is_a_valid_beginning(bundled: ServerProces
         matcher.consume(byte)  # raises if the grammar refuses it
 
 
-def test_logprobs_hold_only_what_the_constraint_allows(bundled: ServerProcess) -> None:
+def test_logprobs_are_those_of_the_constrained_distribution(bundled: ServerProcess) -> None:
     reply = complete(bundled, temperature=0, logprobs=5, max_tokens=6, structured_outputs={"regex": "[0-9]{6}"})
     logprobs = reply["choices"][0]["logprobs"]
     for top in logprobs["top_logprobs"]:
         assert set(top) <= set("0123456789")
-        assert sum(2.718281828459045**value for value in top.values()) <= 1 + 1e-5
-    unconstrained = complete(bundled, temperature=0, logprobs=5, max_tokens=1)["choices"][0]["logprobs"]
-    constrained_first = logprobs["token_logprobs"][0]
     digit = logprobs["tokens"][0]
-    assert constrained_first > unconstrained["top_logprobs"][0].get(digit, -1e9)  # renormalised over digits
+    # the model's own logprob of that digit after the prompt, scored with echo
+    scored = complete(bundled, prompt=PROMPT + digit, echo=True, logprobs=0, max_tokens=0)["choices"][0]["logprobs"]
+    model_logprob = scored["token_logprobs"][-1]
+    digits = complete(bundled, temperature=0, logprobs=20, max_tokens=1, structured_outputs={"regex": "[0-9]"})
+    first = digits["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert set(first) == set("0123456789")  # all ten, and nothing else
+    assert sum(math.exp(value) for value in first.values()) == pytest.approx(1, abs=1e-4)  # the end cannot come
+    assert logprobs["token_logprobs"][0] > model_logprob  # renormalised over the digits
 
 
 def test_a_constrained_and_an_unconstrained_request_batched_leave_the_unconstrained_text_alone(
@@ -318,3 +335,45 @@ def test_the_constraint_fields_are_known_fields_and_unknown_ones_inside_are_name
     body = {"model": TEST_MODEL, "prompt": PROMPT, "max_tokens": 1, "response_format": unknown}
     response = httpx.post(f"{bundled.url}/v1/completions", json=body, timeout=30)
     assert response.headers["x-windowlm-ignored-fields"] == "response_format.json_schema.shape, response_format.extra"
+
+
+def test_a_constraint_that_fails_while_generating_is_the_requests_fault_not_a_stop(bundled: ServerProcess) -> None:
+    ambiguous = 'start: a "y"\na: a a | "x"'  # each "x" grows the parser's rows until they pass the limit
+    fields = {"temperature": 0, "max_tokens": 1200, "guided_grammar": ambiguous, "logit_bias": {"121": -100}}
+    body = {"model": TEST_MODEL, "prompt": PROMPT, **fields}
+    response = httpx.post(f"{bundled.url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 400, response.text
+    assert "the constraint failed" in response.json()["error"]["message"]
+    streamed = httpx.post(f"{bundled.url}/v1/completions", json={**body, "stream": True}, timeout=120).text
+    assert '"type": "invalid_request_error"' in streamed.replace('":"', '": "') and streamed.endswith("[DONE]\n\n")
+    banned = {"model": TEST_MODEL, "prompt": PROMPT, "guided_regex": "a", "logit_bias": {"97": -100}}
+    response = httpx.post(f"{bundled.url}/v1/completions", json=banned, timeout=30)
+    assert response.status_code == 400 and "constraint" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"guided_grammar": "start: a\na: a"}, "guided_grammar"),  # a language with no sentence
+        ({"guided_regex": "[^\\x00-\\x{10FFFF}]"}, "guided_regex"),
+        ({"guided_json": "1" * 5000}, "guided_json"),  # an integer too long for json to read
+        (
+            {"guided_json": {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(1000)}}},
+            "guided_json",
+        ),
+    ],
+)
+def test_a_constraint_that_cannot_work_is_refused_before_it_starts(
+    bundled: ServerProcess, fields: dict, param: str
+) -> None:
+    body = {"model": TEST_MODEL, "prompt": PROMPT, "max_tokens": 4, **fields}
+    response = httpx.post(f"{bundled.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_union_member_is_read_by_its_type(bundled: ServerProcess) -> None:
+    mixed = {"type": "json_object", "json_schema": {"name": "r", "schema": {}}}
+    body = {"model": TEST_MODEL, "prompt": PROMPT, "max_tokens": 1, "response_format": mixed}
+    response = httpx.post(f"{bundled.url}/v1/completions", json=body, timeout=30)
+    assert response.headers["x-windowlm-ignored-fields"] == "response_format.json_schema"
