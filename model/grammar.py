@@ -28,6 +28,7 @@ from torch import Tensor
 BYTES = 256
 END = BYTES  # the token id that stands for the end of the constrained text
 MASK_BYTES = (BYTES + 1 + 31) // 32 * 4  # llguidance's mask: one bit per token, in 32-bit words
+FORCED_START = 64  # bytes of a grammar's forced start that compiling checks (a JSON object's "{" and its key)
 GrammarKind = Literal["json_schema", "regex", "grammar", "choice"]
 
 
@@ -123,8 +124,8 @@ class Grammar:
         first = self.matcher()
         first.mask_bytes()
         if first.error is None and not first.complete:
-            for byte in first._matcher.compute_ff_bytes():
-                first._matcher.consume_token(byte)
+            forced = first._matcher.compute_ff_bytes()[:FORCED_START]  # a regex may force a million bytes
+            first._matcher.consume_tokens(list(forced))
             first.mask_bytes()
         if first.error is not None:
             raise GrammarError(first.error)
