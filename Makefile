@@ -18,7 +18,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || e
 TORCH_INDEX_URL ?=
 TORCH_CPU_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: serve test lint lint-docker docker-smoke install install-dev clean
+.PHONY: serve test lint lint-docker docker-smoke install install-dev clean gpu-wheels gpu-check
 
 serve: $(VENV)/.installed
 	$(BIN)/windowlm serve --host $(HOST) --port $(PORT)
@@ -43,6 +43,25 @@ lint-docker: $(VENV)/.installed-dev
 # not part of `make test`.
 docker-smoke:
 	bash docker/smoke.sh
+
+# The GPU check (.ci/gpu-check.sh) on a GPU host without a package index: `make gpu-wheels` here fetches the
+# wheels it installs (Python 3.12, x86-64 Linux; torch and its CUDA libraries come with the host) into
+# .ci/gpu-wheels, which travels with the working tree; `make gpu-check` there runs the tests and benchmarks and
+# writes their results under $$OUT (or gpu-results/). On a machine without CUDA it skips the CUDA-only steps.
+GPU_WHEELS := .ci/gpu-wheels
+GPU_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+	--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_31_x86_64
+
+gpu-wheels: $(VENV)/.installed
+	$(BIN)/python -m pip download -q --disable-pip-version-check $(GPU_TARGET) -d $(GPU_WHEELS) \
+		$$($(BIN)/python .ci/gpu_packages.py --with-deps-only)
+	$(BIN)/python -m pip download -q --disable-pip-version-check $(GPU_TARGET) --no-deps -d $(GPU_WHEELS) \
+		$$($(BIN)/python .ci/gpu_packages.py --no-deps-only)
+
+gpu-check:
+	GPU_CHECK_PYTHON="$$([ -x $(BIN)/python ] && echo $(BIN)/python || echo python3)" \
+		bash .ci/gpu-check.sh "$${OUT:-gpu-results}"
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

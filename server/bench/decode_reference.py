@@ -1,5 +1,9 @@
 """`windowlm bench decode`'s comparisons: local-attention's own generate loop on the same weights, and
-HuggingFace transformers' MistralForCausalLM of the same size with its sliding-window cache."""
+HuggingFace transformers' MistralForCausalLM of the same size with its sliding-window cache.
+
+Both run on the CPU: on CUDA they are skipped, with the reason in the report (the GPU run is for our own
+figures, in the few minutes it has). Mistral runs in the bench's dtype, local-attention in float32 only (its
+position-bias MLP takes float32 inputs whatever its weights' dtype)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ import torch
 
 from model import LocalTransformer
 from server.bench.timing import median_seconds_in_turns, one_token_step, random_tokens, timed
+
+ON_CUDA = "the comparisons run on the CPU only, not on cuda"
+NOT_FLOAT32 = "local-attention's model runs in float32 only"
 
 
 class ReferenceLoop:
@@ -55,6 +62,8 @@ def reference_figures(model: LocalTransformer, model_kwargs: dict, args: argpars
         import local_attention
     except ImportError:
         return {"skipped": "local-attention is not installed (pip install 'windowlm[dev]')"}
+    if next(model.parameters()).dtype != torch.float32:
+        return {"skipped": NOT_FLOAT32}
     reference = local_attention.LocalTransformer(**model_kwargs).eval()
     reference.load_state_dict(model.state_dict(), strict=True)
     cached, ours, uncached = {}, {}, {}
@@ -111,11 +120,14 @@ def mistral_step_seconds(mistral: torch.nn.Module, batch: int, context: int, ste
     return statistics.median(timed(step, steps))
 
 
-def mistral_figures(model_kwargs: dict, context: int, batches: list[int], steps: int) -> dict[str, Any]:
+def mistral_figures(
+    model_kwargs: dict, context: int, batches: list[int], steps: int, dtype: torch.dtype
+) -> dict[str, Any]:
     """HuggingFace transformers' MistralForCausalLM of the same size with its sliding-window cache."""
     mistral = mistral_model(model_kwargs, context + steps + 64)
     if mistral is None:
         return {"skipped": "transformers is not installed (pip install 'windowlm[bench]')"}
+    mistral = mistral.to(dtype)
     figures: dict[str, Any] = {"transformers_context": context}
     for batch in batches:
         seconds = mistral_step_seconds(mistral, batch, context, steps)
@@ -128,16 +140,26 @@ def comparisons(
 ) -> dict[str, Any]:
     """The report's entries for the comparisons asked for (--reference, --mistral), with their ratios."""
     report: dict[str, Any] = {}
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu":
+        report.update({name: {"skipped": ON_CUDA} for name, on in comparisons_asked(args).items() if on})
+        return report
     if args.reference:
         report["reference"] = reference_figures(model, model_kwargs, args)
         speedup_8k = report["reference"].get("cached_over_ours", {}).get("8192")
         if speedup_8k:
             report["speedup_over_reference_cached_at_8k"] = speedup_8k
     if args.mistral:
-        mistral = mistral_figures(model_kwargs, 512, [b for b in (1, 32) if str(b) in throughput], args.steps)
+        batches = [b for b in (1, 32) if str(b) in throughput]
+        mistral = mistral_figures(model_kwargs, 512, batches, args.steps, parameter.dtype)
         report["transformers_mistral"] = mistral
         for batch in ("1", "32"):
             theirs = mistral.get(f"batch_{batch}", {}).get("tokens_per_second")
             if theirs:
                 report[f"over_mistral_batch_{batch}"] = throughput[batch] / theirs
     return report
+
+
+def comparisons_asked(args: argparse.Namespace) -> dict[str, bool]:
+    """The report's key of each comparison and whether it was asked for."""
+    return {"reference": args.reference, "transformers_mistral": args.mistral}

@@ -1,5 +1,6 @@
 """How close the decode step comes to the machine's limits: the FLOP/s of plain matmuls of its own shapes, and
-streaming reads of the bytes a step must read at least (the weights once, every slot's whole cache)."""
+streaming reads of the bytes a step must read at least (the weights once, every slot's whole cache); on the
+model's own device and, for the matmuls, in its dtype."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def decode_flops_per_token(model: LocalTransformer, capacity: int) -> float:
 def matmul_roofline_flops(model: LocalTransformer, batch: int, repeats: int = 50) -> float:
     """FLOP/s of plain matmuls of the decode step's own shapes at this batch size."""
     shapes = linear_shapes(model)
-    inputs = [torch.randn(batch, n_in) for n_in, _ in shapes]
-    weights = [torch.randn(n_out, n_in) for n_in, n_out in shapes]
+    like = dict(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    inputs = [torch.randn(batch, n_in, **like) for n_in, _ in shapes]
+    weights = [torch.randn(n_out, n_in, **like) for n_in, n_out in shapes]
 
     def run() -> None:
         for x, w in zip(inputs, weights, strict=True):
@@ -47,10 +49,10 @@ def decode_bytes_per_step(model: LocalTransformer, kv_bytes_per_slot: int, batch
     return weights + batch * kv_bytes_per_slot
 
 
-def read_bandwidth(total_bytes: int, repeats: int = 20) -> float:
-    """Bytes/s of streaming reads over a working set of `total_bytes` (a sum over four tensors): the memory
-    roofline of a step that reads that much."""
-    chunks = [torch.ones(max(1, total_bytes // 16)) for _ in range(4)]  # four float32 tensors
+def read_bandwidth(total_bytes: int, device: torch.device, repeats: int = 20) -> float:
+    """Bytes/s of streaming reads over a working set of `total_bytes` (a sum over four tensors) on `device`: the
+    memory roofline of a step that reads that much."""
+    chunks = [torch.ones(max(1, total_bytes // 16), device=device) for _ in range(4)]  # four float32 tensors
 
     def run() -> None:
         for chunk in chunks:
@@ -61,10 +63,10 @@ def read_bandwidth(total_bytes: int, repeats: int = 20) -> float:
 
 
 def compute_roofline(model: LocalTransformer, capacity: int, throughput: dict[str, float]) -> dict[str, Any]:
-    """The decode step's FLOP/s at batch 1 and 32 (those measured) against plain matmuls of its shapes."""
+    """The decode step's FLOP/s at batch 1, 32 and 256 (those measured) against plain matmuls of its shapes."""
     flops_per_token = decode_flops_per_token(model, capacity)
     by_batch = {}
-    for batch in (1, 32):
+    for batch in (1, 32, 256):
         if str(batch) in throughput:
             achieved = flops_per_token * throughput[str(batch)]
             peak = matmul_roofline_flops(model, batch)
@@ -78,10 +80,10 @@ def compute_roofline(model: LocalTransformer, capacity: int, throughput: dict[st
 
 def memory_roofline(model: LocalTransformer, kv_bytes_per_slot: int, throughput: dict[str, float]) -> dict[str, Any]:
     """The bytes/s the decode step reads at each measured batch size against streaming reads of as many bytes."""
-    memory = {}
+    memory, device = {}, next(model.parameters()).device
     for batch, tokens_per_second in throughput.items():
         step_bytes = decode_bytes_per_step(model, kv_bytes_per_slot, int(batch))
-        achieved, peak = step_bytes * tokens_per_second / int(batch), read_bandwidth(step_bytes)
+        achieved, peak = step_bytes * tokens_per_second / int(batch), read_bandwidth(step_bytes, device)
         memory[batch] = {
             "bytes_per_step": step_bytes,
             "decode_gb_per_second": achieved / 1e9,

@@ -3,7 +3,8 @@
 It starts `windowlm serve` as a subprocess, drives it with N concurrent streaming completions per round, and
 measures what a client sees: time to first token, inter-token latency, end-to-end time and aggregate tokens/s.
 For the overhead of HTTP and SSE it also runs the same load on the engine alone, in process (sampling included),
-and reports the model's raw batched decode (no sampling) at the same batch size.
+and reports the model's raw batched decode (no sampling) at the same batch size. The server, the engine alone
+and the raw decode all run on --device in --dtype (the CPU in float32 by default).
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from model.sampling import SamplingParams
 from model.threads import THREADS_HELP, configure_threads
 from server.bench.decode import batched_tokens_per_second_in_turns
 from server.bench.machine import finish_machine_state, machine_state
-from server.bench.timing import BENCH_MODEL
+from server.bench.timing import (
+    BENCH_MODEL,
+    DTYPES,
+    add_device_arguments,
+    device_state,
+    finish_device_state,
+    resolve_device,
+)
 from server.engine import Engine, EngineRequest, FinishEvent, TokenEvent
 from server.metrics import Metrics
 
@@ -239,13 +247,14 @@ def measure_level(port: int, model: torch.nn.Module, concurrency: int, args: arg
 def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     from weights.io import load_checkpoint
 
+    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     configure_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         weights = Path(args.weights) if args.weights else bench_checkpoint(Path(scratch) / "bench")
-        model, _ = load_checkpoint(weights)
+        model, _ = load_checkpoint(weights, device=device, dtype=dtype)
         port = free_port()
-        machine = machine_state()
-        server = start_server(weights, port, max(args.concurrency))
+        machine, on = machine_state(), device_state(device, dtype)
+        server = start_server(weights, port, max(args.concurrency), "--device", device.type, "--dtype", args.dtype)
         try:
             asyncio.run(one_round(port, 1, 16))  # warm up
             rounds = [measure_level(port, model, n, args) for n in args.concurrency]
@@ -256,8 +265,10 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     by_level = {r["concurrency"]: r for r in rounds}
     report: dict[str, Any] = {
         "machine": machine,
+        "device": finish_device_state(on, device),  # peak memory: of this process (the engine alone, the raw decode)
         "model": str(weights) if args.weights else dict(BENCH_MODEL, use_abs_pos_emb=False),
         "max_tokens": args.max_tokens,
+        "http_tokens_per_second": {str(n): r["tokens_per_second"] for n, r in by_level.items()},
         "rounds": rounds,
     }
     if 1 in by_level and 16 in by_level:
@@ -276,4 +287,5 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=64, help="timed engine steps for the raw figure")
     parser.add_argument("--repeats", type=int, default=3, help="HTTP and engine-alone rounds per concurrency")
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    add_device_arguments(parser)
     parser.add_argument("--plot", default="bench-serve.png", help="where to write the PNG")

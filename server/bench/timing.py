@@ -1,7 +1,12 @@
-"""The bench model, decode steps of it ready to time, and timing in turns: what every decode figure is made of."""
+"""The bench model, decode steps of it ready to time, and timing in turns: what every decode figure is made of.
+
+The model and its steps run on the device and in the dtype a bench is given (`--device`, `--dtype`). CUDA runs
+kernels asynchronously, so every clock read here comes after a synchronisation with the GPU (`synchronize`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -27,13 +32,67 @@ BENCH_MODEL = dict(
 
 WARMUP_STEPS = 10  # untimed steps at the start of each turn of measurements taken in turns
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype. The CPU in float32 by default, so that figures stay comparable with older reports."""
+    devices = ["auto", "cpu", "cuda"]
+    parser.add_argument("--device", choices=devices, default="cpu", help="default: cpu; auto: CUDA when present")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="of the weights and cache (float32)")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a --device value; SystemExit with one line when CUDA is asked for and absent."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"windowlm bench: --device cuda, but this torch ({torch.__version__}) sees no CUDA device")
+    return torch.device(name)
+
+
+def synchronize() -> None:
+    """Wait for the work queued on the GPU: CUDA kernels run asynchronously, so a clock read without this would
+    time their launch, not their work. Nothing to wait for where this process never used CUDA."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def on_device(model: LocalTransformer, device: torch.device, dtype: torch.dtype) -> LocalTransformer:
+    """The model moved to `device`, its parameters in `dtype` (buffers keep theirs, as load_checkpoint does)."""
+    model.to(device)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return model.eval()
+
+
+def device_state(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Where the model runs, for the report; on CUDA the GPU's name, its peak memory counted from here."""
+    state: dict[str, Any] = {"type": device.type, "dtype": str(dtype).removeprefix("torch.")}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        properties = torch.cuda.get_device_properties(device)
+        state.update(name=torch.cuda.get_device_name(device), total_memory_mib=properties.total_memory / 2**20)
+    return state
+
+
+def finish_device_state(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """`state` with the peak device memory this process allocated during the benchmark (CUDA only)."""
+    if device.type == "cuda":
+        synchronize()
+        state["peak_memory_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        state["peak_memory_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+    return state
+
 
 def timed(run: Callable[[], Any], repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls."""
+    """Seconds of each of `repeats` calls, each from a quiet GPU to the end of the work it queued."""
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         run()
+        synchronize()
         times.append(time.perf_counter() - start)
     return times
 
@@ -46,7 +105,7 @@ def one_token_step(model: LocalTransformer, context: int) -> Callable[[], Any]:
     """A decode step of one slot holding `context` tokens, warmed up: each call decodes one more token."""
     decoder = Decoder(model, num_slots=1, prefill_chunk=4 * model.local_attn_window_size)
     decoder.prefill(0, random_tokens(context))
-    token = torch.tensor([7])
+    token = torch.tensor([7], device=decoder.cache.lengths.device)
     for _ in range(3):
         decoder.decode_all(token)
     return lambda: decoder.decode_all(token)
@@ -57,7 +116,7 @@ def batched_step(model: LocalTransformer, slots: int) -> Callable[[], Any]:
     decoder = Decoder(model, num_slots=slots)
     for slot in range(slots):
         decoder.prefill(slot, random_tokens(300 + 37 * slot % 256, seed=slot))  # full caches, other offsets
-    tokens = random_tokens(slots)
+    tokens = random_tokens(slots).to(decoder.cache.lengths.device)
     for _ in range(3):
         decoder.decode_all(tokens)
     return lambda: decoder.decode_all(tokens)
