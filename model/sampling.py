@@ -216,10 +216,13 @@ def _adjusted(
         adjusted = apply_penalties(raw, seen, counts, params)  # (B, V)
     if any(s.bias is not None for s in samplers):
         adjusted, code = apply_bias(adjusted, samplers, code)  # (B, V), (B,)
-    if allowed is not None:
-        raw, adjusted = _widened(raw, allowed), _widened(adjusted, allowed)  # (B, V + 1) each
+    if allowed is not None:  # widened once where no penalty or bias made the adjusted logits a tensor of their own
+        unadjusted = adjusted is raw
+        raw = _widened(raw, allowed)  # (B, V + 1)
+        adjusted = raw if unadjusted else _widened(adjusted, allowed)  # (B, V + 1)
         code = torch.where((code == 0) & adjusted.isneginf().all(-1), 5, code)  # (B,)
-        raw, adjusted = raw.masked_fill(code[:, None] > 0, 0.0), adjusted.masked_fill(code[:, None] > 0, 0.0)
+        raw = raw.masked_fill(code[:, None] > 0, 0.0)
+        adjusted = raw if unadjusted else adjusted.masked_fill(code[:, None] > 0, 0.0)
     return raw, adjusted, code
 
 

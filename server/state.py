@@ -26,7 +26,7 @@ class ServerState:
     draining: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
     chat_template: ChatTemplate = field(default_factory=ChatTemplate.default)
-    grammars: GrammarCompiler | None = None  # made with the app, from its settings
+    grammars: GrammarCompiler | None = None  # made at the first constraint fields, by grammar_compiler()
 
     def grammar_compiler(self) -> GrammarCompiler:
         if self.grammars is None:
