@@ -75,17 +75,38 @@ class SlidingKVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (num_layers, num_slots, heads, capacity, dim_head)
+        self._hold(
+            ring_buffer(shape, device, dtype).view(-1, dim_head),
+            ring_buffer(shape, device, dtype).view(-1, dim_head),
+            torch.zeros(num_slots, dtype=torch.long, device=device),
+            torch.zeros(num_slots, dtype=torch.long, device=device),
+            shape,
+        )
+
+    @classmethod
+    def over(
+        cls, key_rows: Tensor, value_rows: Tensor, lengths: Tensor, starts: Tensor, shape: tuple[int, ...]
+    ) -> SlidingKVCache:
+        """A cache over existing buffers (key_rows and value_rows as below, lengths and starts (slots,)), shared,
+        not copied: how a compiled step, whose inputs are tensors, sees the cache."""
+        cache = cls.__new__(cls)
+        cache._hold(key_rows, value_rows, lengths, starts, shape)
+        return cache
+
+    def _hold(self, key_rows: Tensor, value_rows: Tensor, lengths: Tensor, starts: Tensor, shape: tuple) -> None:
+        _, num_slots, heads, capacity, _ = shape  # (layers, slots, heads, capacity, dim_head)
+        device = key_rows.device
         self.capacity = capacity
         self.ring_index = torch.arange(capacity, device=device)  # (C,)
-        # the row of ring index 0 of each (slot, head) in the flattened buffers (see key_rows)
+        # the row of ring index 0 of each (slot, head) of layer 0 in the flattened buffers (see key_rows)
         self.first_rows = torch.arange(num_slots * heads, device=device).view(num_slots, heads, 1) * capacity
-        self.keys = ring_buffer(shape, device, dtype)
-        self.values = ring_buffer(shape, device, dtype)
-        # the same storage with one row per (slot, head, ring index): written by row index, any slots
-        self.key_rows = self.keys.view(num_layers, -1, dim_head)
-        self.value_rows = self.values.view(num_layers, -1, dim_head)
-        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
-        self.starts = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.layer_rows = num_slots * heads * capacity  # rows of one layer
+        # the buffers with one row per (layer, slot, head, ring index), written by row index: any slots. Being
+        # the buffers themselves, not views, lets a compiled step write them in place (inductor copies a
+        # buffer whose view is written)
+        self.key_rows, self.value_rows = key_rows, value_rows  # (layers * slots * heads * capacity, dim_head)
+        self.keys, self.values = key_rows.view(shape), value_rows.view(shape)
+        self.lengths, self.starts = lengths, starts
 
     @property
     def num_slots(self) -> int:
@@ -148,7 +169,7 @@ class StepRings:
 
     cache: SlidingKVCache
     slots: Slots
-    rows: Tensor  # (B * heads * kept,)
+    rows: Tensor  # (B * heads * kept,), of layer 0
     skip: int
     kept: Tensor | None = None  # of the flattened (B, heads, L) new entries, those written (rows of different lengths)
 
@@ -164,5 +185,8 @@ class StepRings:
         if self.kept is not None:
             keys = keys.reshape(-1, dim_head).index_select(0, self.kept)  # (entries kept, dim_head)
             values = values.reshape(-1, dim_head).index_select(0, self.kept)
-        self.cache.key_rows[layer].index_copy_(0, self.rows, keys.reshape(-1, dim_head))
-        self.cache.value_rows[layer].index_copy_(0, self.rows, values.reshape(-1, dim_head))
+        # index_put_ into the buffers themselves: a compiled step then writes the cache in place, where with
+        # index_copy_, or into a view, inductor would copy the whole cache and copy it back
+        rows = self.rows + layer * self.cache.layer_rows
+        self.cache.key_rows.index_put_((rows,), keys.reshape(-1, dim_head))
+        self.cache.value_rows.index_put_((rows,), values.reshape(-1, dim_head))

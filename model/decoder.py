@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from model.cache import ALL_SLOTS, SlidingKVCache, Slots
+from model.compiled_step import CompiledDecode, DecodeGraph
 from model.receptive_field import prompt_reach, reading_start
 from model.step import CachedLayers, Packing, StepPlanner
 
@@ -90,6 +91,15 @@ class Decoder:
             device=device,
             dtype=dtype,
         )
+        self.compiled: CompiledDecode | None = None  # see compile
+
+    def compile(self, buckets: Sequence[int] | None = None, progress: Callable[[str], None] | None = None) -> float:
+        """Compile the decode step for each batch bucket now (model.compiled_step) -> the seconds it took. From
+        then on `decode` over a range of slots runs the compiled step, which holds the weights as they are now.
+        """
+        graph = DecodeGraph(self.model, self.planner, tuple(self.cache.keys.shape))
+        self.compiled = CompiledDecode(graph, self.cache, buckets)
+        return self.compiled.warm_up(progress)
 
     @property
     def context_limit(self) -> int | None:
@@ -209,8 +219,25 @@ class Decoder:
         return self.prefill(slot, tokens[start:])
 
     def decode(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
-        """One token (B,) for each of slots (B,) -> next-token logits (B, num_tokens)."""
+        """One token (B,) for each of slots (B,) -> next-token logits (B, num_tokens); `advance` as in `step`.
+
+        Once compiled, a range of slots runs the compiled step of the smallest bucket that holds it.
+        """
+        if self.compiled is not None and isinstance(slots, slice):
+            return self.compiled_decode(slots, tokens, advance)
         return self.step(slots, tokens[:, None], advance)[:, 0]
+
+    def compiled_decode(self, slots: slice, tokens: Tensor, advance: Tensor | None) -> Tensor:
+        """decode on the compiled step: the range padded to its bucket with slots that ride along. Positions past
+        max_seq_len are not checked here (see model.compiled_step)."""
+        first, stop, _ = slots.indices(self.cache.num_slots)
+        bucket = self.compiled.bucket(stop)
+        device = tokens.device
+        fed = torch.zeros(bucket, dtype=torch.long, device=device)  # (bucket,)
+        fed[first:stop] = tokens
+        moves = torch.zeros(bucket, dtype=torch.long, device=device)  # (bucket,): 1 where a slot takes its token
+        moves[first:stop] = 1 if advance is None else advance
+        return self.compiled(fed, moves)[first:stop]  # (B, num_tokens)
 
     def decode_all(self, tokens: Tensor) -> Tensor:
         """One token for every slot (num_slots,) -> next-token logits (num_slots, num_tokens).

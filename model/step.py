@@ -50,6 +50,9 @@ class StepPlan:
     query_rotation: Rotation | None  # of the L queries
     key_rotation: Rotation | None  # of the K keys, with the inverse xpos scale
     packing: Packing | None = None  # rows of different lengths, packed end to end outside attention
+    # decode attention as two batched matrix products however few the rows (float32 on a CPU): what a compiled
+    # step wants, whose compiler fuses the softmax between them, where the fused kernel is an opaque call
+    batched_products: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,12 @@ class Packing:
         return x.transpose(0, 1).reshape(heads, -1, dim_head).index_select(1, self.packed_from_padded)[None]
 
 
-class StepPlanner:
-    """Builds StepPlans for one causal model; holds its position encodings' constants."""
+class StepPlanner(torch.nn.Module):
+    """Builds StepPlans for one causal model; holds its position encodings' constants (as buffers, so that a
+    compiled step sees them as constants of the module it belongs to)."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
         attention_layers = model.attention_layers
         first = attention_layers[0].attn_fn
         if not model.causal or first.look_forward:
@@ -116,14 +121,16 @@ class StepPlanner:
 
         # the score added for a key a query may not see: half the most negative number, far below any score,
         # and no overflow to -inf when a bias is added
-        self.blocked_score = torch.tensor(torch.finfo(dtype).min / 2, dtype=dtype, device=device)
-        self.open_score = torch.zeros((), dtype=dtype, device=device)
-        self.bias_table = None  # (distance, heads) for distances 0..2W-1, then a row of blocked scores
+        blocked_score = torch.tensor(torch.finfo(dtype).min / 2, dtype=dtype, device=device)
+        self.register_buffer("blocked_score", blocked_score, persistent=False)
+        self.register_buffer("open_score", torch.zeros((), dtype=dtype, device=device), persistent=False)
+        table = None  # (distance, heads) for distances 0..2W-1, then a row of blocked scores
         if model.dynamic_pos_bias is not None:
             with torch.no_grad():
                 table = model.dynamic_pos_bias.distance_table(2 * self.window_size).to(dtype)
             self.blocked_row = table.shape[0]
-            self.bias_table = torch.cat((table, self.blocked_score.expand(1, table.shape[1])))
+            table = torch.cat((table, blocked_score.expand(1, table.shape[1])))
+        self.register_buffer("bias_table", table, persistent=False)
 
     def plan(
         self, cache: SlidingKVCache, slots: Slots, query_positions: Tensor, packing: Packing | None = None
@@ -214,7 +221,8 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, plan: StepPlan, scale: float
     if plan.self_key is None:
         batch, heads, length, _ = q.shape
         cpu_float32 = q.device.type == "cpu" and q.dtype == torch.float32
-        if length == 1 and cpu_float32 and batch * heads >= CPU_BATCHED_DECODE_ROWS:
+        many_rows = batch * heads >= CPU_BATCHED_DECODE_ROWS or plan.batched_products
+        if length == 1 and cpu_float32 and many_rows:
             return batched_attention(q, keys, values, plan.score_bias, scale)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.score_bias, scale=scale)
     # shared_qk: a query sees its own key only when nothing else is allowed (its logit is replaced)

@@ -185,13 +185,18 @@ class LocalTransformer(nn.Module):
         window = self.local_attn_window_size
         return self.dynamic_pos_bias(window, window * 2)
 
-    def embed(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Token ids (b, n) at absolute positions (n,) -> embeddings (b, n, dim)."""
+    def embed(self, tokens: Tensor, positions: Tensor | None = None, checked: bool = True) -> Tensor:
+        """Token ids (b, n) at absolute positions (n,) -> embeddings (b, n, dim).
+
+        Unchecked (a compiled step, which must not ask the device), positions past max_seq_len are the caller's
+        to prevent (the server's scheduler does); they are clamped, never read out of bounds."""
         x = F.embedding(tokens, self.token_emb.weight)
         if self.use_abs_pos_emb:
             if positions is None:
                 positions = torch.arange(tokens.shape[-1], device=tokens.device)
-            if int(positions.max()) >= self.max_seq_len:
+            if not checked:
+                positions = positions.clamp(max=self.max_seq_len - 1)
+            elif int(positions.max()) >= self.max_seq_len:
                 raise ContextLimitError(
                     f"position {int(positions.max())} is past max_seq_len {self.max_seq_len}: this model has "
                     "a learned absolute position embedding and no context beyond it"
