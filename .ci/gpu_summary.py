@@ -41,6 +41,13 @@ def main(results: Path, cuda: bool) -> None:
         print(f"ms per token at context {context}:", figure(decode, "decode_ms_per_token", str(context)))
     print("largest over smallest context (1.0 = flat):", figure(decode, "context_ratio_largest_to_smallest"))
     print("peak GPU memory MiB:", figure(decode, "device", "peak_memory_allocated_mib"))
+    compiled = report(results / "decode-compiled.json")
+    for batch in ("1", "8"):
+        print(
+            f"compiled over eager at batch {batch}:",
+            figure(compiled, "compiled_decode", "batched_tokens_per_second", "compiled_over_eager", batch),
+        )
+    print("compile (capture) seconds:", figure(compiled, "compiled_decode", "startup_seconds"))
     for streams, value in serve.get("http_tokens_per_second", {}).items():
         print(f"HTTP tokens/s at {streams} streams:", round(value, 1) if isinstance(value, float) else value)
     for name, data in (("decode", decode), ("serve", serve)):

@@ -41,7 +41,7 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
     model, _ = load_checkpoint(settings.weights, device=device, dtype=dtype)
     logger.info("loaded %s from %s on %s (%s)", settings.served_model_name(), settings.weights, device, dtype)
     metrics.torch_threads.set(torch.get_num_threads())
-    return Engine(
+    engine = Engine(
         model,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
@@ -54,6 +54,10 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         faults=FaultInjector.from_environment(),
         thread_tuner=thread_tuner(settings.threads is not None, functools.partial(set_threads, metrics)),
     )
+    if settings.compile:
+        seconds = engine.runner.decoder.compile(progress=logger.info)
+        logger.info("decode step compiled in %.1f s", seconds)
+    return engine
 
 
 def set_threads(metrics: Metrics, count: int) -> None:

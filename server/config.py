@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         description="read every prompt token, not only the last ones the model's local attention can still see "
         "(the logits are the same either way; for comparison)",
     )
+    compile: bool = Field(
+        False,
+        description="compile the decode step before serving (torch.compile; on a CPU three graphs of tens of "
+        "seconds each, cached on disk; on CUDA, CUDA graphs per batch bucket): faster steps, slower start",
+    )
     grammar_max_bytes: int = Field(
         65536, ge=1, description="longest JSON schema, pattern, grammar or choice list a request may constrain with"
     )

@@ -3,6 +3,8 @@
 Every figure comes from one run on one machine with the same weights, so ratios between them are meaningful
 even where the machine is noisy. The model is timing.BENCH_MODEL: local-attention's train.py model scaled down,
 on the CPU in float32 unless --device / --dtype say otherwise; --quick takes fewer steps, rounds and tokens.
+--compile adds the compiled decode step (server.bench.compiled): its startup, and its figures beside the eager
+step's, in turns.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from model import LocalTransformer
 from model.decoder import Decoder
 from model.threads import THREADS_HELP, configure_threads
+from server.bench.compiled import CompiledPair, compile_summary, compiled_figures
 from server.bench.decode_reference import comparisons
 from server.bench.machine import finish_machine_state, machine_state
 from server.bench.roofline import compute_roofline, memory_roofline
@@ -138,8 +141,13 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     throughput = report["batched_tokens_per_second"]
     report["roofline"] = compute_roofline(model, capacity, throughput)
     report["memory_roofline"] = memory_roofline(model, kv_bytes, throughput)
-    report.update(comparisons(model, model_kwargs, throughput, args))
-    del decoder
+    pair = CompiledPair(model, max(args.batches)) if args.compile else None
+    if pair is not None:
+        report["compiled_decode"] = compiled_figures(pair, capacity, args)
+    report.update(comparisons(model, model_kwargs, throughput, args, pair.step_at if pair else None))
+    if pair is not None:
+        report["compile"] = compile_summary(report["compiled_decode"], report.get("reference"))
+    del decoder, pair
     if args.long_tokens:
         streaming = on_device(LocalTransformer(**dict(model_kwargs, use_abs_pos_emb=False)), device, dtype)
         report["memory"] = memory_over_long_generation(streaming, args.long_tokens)
@@ -165,3 +173,6 @@ def add_decode_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, help="turns taken by the figures timed in turns (8, quick 4)")
     parser.add_argument("--uncached-up-to", type=int, default=8192, help="largest context for uncached figures")
     parser.add_argument("--mistral", action=argparse.BooleanOptionalAction, default=True, help="CPU only")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the compiled decode step against the eager one, in turns"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,19 +46,33 @@ class ReferenceLoop:
         self.out = torch.cat((self.out, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
 
 
+# a decode step of one slot after `context` tokens, ready to time (see compiled.CompiledPair.step_at)
+StepAt = Callable[[int], Callable[[], Any]]
+
+
 def paired_ms_per_token(
-    model: LocalTransformer, reference: torch.nn.Module, context: int, steps: int, reference_steps: int, rounds: int
-) -> tuple[float, float]:
-    """Median milliseconds per token of our decode step and the reference's cached generate loop at `context`,
-    timed in turns."""
+    model: LocalTransformer,
+    reference: torch.nn.Module,
+    context: int,
+    steps: int,
+    reference_steps: int,
+    rounds: int,
+    compiled_step: StepAt | None = None,
+) -> dict[str, float]:
+    """Median milliseconds per token of our decode step ("ours"), the reference's cached generate loop
+    ("reference") and, given `compiled_step`, our compiled step ("compiled") at `context`, timed in turns."""
     loop = ReferenceLoop(reference, context, use_kv_cache=True)
     runs = {"ours": (one_token_step(model, context), steps), "reference": (loop.step, reference_steps)}
-    seconds = median_seconds_in_turns(runs, rounds)
-    return seconds["ours"] * 1000, seconds["reference"] * 1000
+    if compiled_step is not None:
+        runs["compiled"] = (compiled_step(context), steps)
+    return {name: seconds * 1000 for name, seconds in median_seconds_in_turns(runs, rounds).items()}
 
 
-def reference_figures(model: LocalTransformer, model_kwargs: dict, args: argparse.Namespace) -> dict[str, Any]:
-    """local-attention's own generate loop on the same weights: cached (timed in turns with ours) and uncached."""
+def reference_figures(
+    model: LocalTransformer, model_kwargs: dict, args: argparse.Namespace, compiled_step: StepAt | None = None
+) -> dict[str, Any]:
+    """local-attention's own generate loop on the same weights: cached (timed in turns with ours, and with our
+    compiled step where there is one) and uncached."""
     try:
         import local_attention
     except ImportError:
@@ -66,20 +81,27 @@ def reference_figures(model: LocalTransformer, model_kwargs: dict, args: argpars
         return {"skipped": NOT_FLOAT32}
     reference = local_attention.LocalTransformer(**model_kwargs).eval()
     reference.load_state_dict(model.state_dict(), strict=True)
-    cached, ours, uncached = {}, {}, {}
+    cached, ours, compiled, uncached = {}, {}, {}, {}
     for context in args.contexts:
-        ours[str(context)], cached[str(context)] = paired_ms_per_token(
-            model, reference, context, args.steps, args.reference_tokens, args.rounds
+        paired = paired_ms_per_token(
+            model, reference, context, args.steps, args.reference_tokens, args.rounds, compiled_step
         )
+        ours[str(context)], cached[str(context)] = paired["ours"], paired["reference"]
+        if "compiled" in paired:
+            compiled[str(context)] = paired["compiled"]
         if context <= args.uncached_up_to:
             loop = ReferenceLoop(reference, context, use_kv_cache=False)
             uncached[str(context)] = statistics.median(timed(loop.step, 2)) * 1000
-    return {
+    figures = {
         "cached_ms_per_token": cached,
         "ours_ms_per_token_in_turns": ours,
         "cached_over_ours": {context: cached[context] / ours[context] for context in cached},
         "uncached_ms_per_token": uncached,
     }
+    if compiled:
+        figures["compiled_ms_per_token_in_turns"] = compiled
+        figures["cached_over_compiled"] = {context: cached[context] / compiled[context] for context in compiled}
+    return figures
 
 
 def mistral_model(model_kwargs: dict, max_positions: int) -> torch.nn.Module | None:
@@ -136,16 +158,21 @@ def mistral_figures(
 
 
 def comparisons(
-    model: LocalTransformer, model_kwargs: dict, throughput: dict[str, float], args: argparse.Namespace
+    model: LocalTransformer,
+    model_kwargs: dict,
+    throughput: dict[str, float],
+    args: argparse.Namespace,
+    compiled_step: StepAt | None = None,
 ) -> dict[str, Any]:
-    """The report's entries for the comparisons asked for (--reference, --mistral), with their ratios."""
+    """The report's entries for the comparisons asked for (--reference, --mistral), with their ratios; with
+    `compiled_step` (--compile) the reference is timed in turns with our compiled step too."""
     report: dict[str, Any] = {}
     parameter = next(model.parameters())
     if parameter.device.type != "cpu":
         report.update({name: {"skipped": ON_CUDA} for name, on in comparisons_asked(args).items() if on})
         return report
     if args.reference:
-        report["reference"] = reference_figures(model, model_kwargs, args)
+        report["reference"] = reference_figures(model, model_kwargs, args, compiled_step)
         speedup_8k = report["reference"].get("cached_over_ours", {}).get("8192")
         if speedup_8k:
             report["speedup_over_reference_cached_at_8k"] = speedup_8k

@@ -91,3 +91,21 @@ def memory_roofline(model: LocalTransformer, kv_bytes_per_slot: int, throughput:
             "fraction": achieved / peak,
         }
     return memory
+
+
+def roofline_fractions(
+    model: LocalTransformer, capacity: int, throughputs: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """compute_roofline for several ways of running the step (eager, compiled: tokens/s by batch size, the same
+    sizes for each), at every measured batch size, against one plain-matmul figure per size."""
+    flops_per_token = decode_flops_per_token(model, capacity)
+    batches = next(iter(throughputs.values()), {})
+    by_batch: dict[str, Any] = {}
+    for batch in batches:
+        peak = matmul_roofline_flops(model, int(batch))
+        entry: dict[str, Any] = {"matmul_gflops": peak / 1e9}
+        for kind, throughput in throughputs.items():
+            achieved = flops_per_token * throughput[batch]
+            entry[kind] = {"decode_gflops": achieved / 1e9, "fraction": achieved / peak}
+        by_batch[batch] = entry
+    return {"decode_flops_per_token": flops_per_token, "by_batch": by_batch}

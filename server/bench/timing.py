@@ -101,22 +101,33 @@ def random_tokens(count: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (count,), generator=torch.Generator().manual_seed(seed))
 
 
-def one_token_step(model: LocalTransformer, context: int) -> Callable[[], Any]:
-    """A decode step of one slot holding `context` tokens, warmed up: each call decodes one more token."""
+def prefilled_decoder(model: LocalTransformer, context: int) -> Decoder:
+    """A one-slot Decoder whose slot holds `context` random tokens."""
     decoder = Decoder(model, num_slots=1, prefill_chunk=4 * model.local_attn_window_size)
     decoder.prefill(0, random_tokens(context))
+    return decoder
+
+
+def one_token_step(model: LocalTransformer, context: int) -> Callable[[], Any]:
+    """A decode step of one slot holding `context` tokens, warmed up: each call decodes one more token."""
+    decoder = prefilled_decoder(model, context)
     token = torch.tensor([7], device=decoder.cache.lengths.device)
     for _ in range(3):
         decoder.decode_all(token)
     return lambda: decoder.decode_all(token)
 
 
-def batched_step(model: LocalTransformer, slots: int) -> Callable[[], Any]:
-    """A decode step with every slot busy, each at another position of its window; warmed up."""
+def filled_decoder(model: LocalTransformer, slots: int) -> tuple[Decoder, torch.Tensor]:
+    """A Decoder with every slot busy, each at another position of its window, and a token for each (slots,)."""
     decoder = Decoder(model, num_slots=slots)
     for slot in range(slots):
         decoder.prefill(slot, random_tokens(300 + 37 * slot % 256, seed=slot))  # full caches, other offsets
-    tokens = random_tokens(slots).to(decoder.cache.lengths.device)
+    return decoder, random_tokens(slots).to(decoder.cache.lengths.device)
+
+
+def batched_step(model: LocalTransformer, slots: int) -> Callable[[], Any]:
+    """A decode step with every slot busy, each at another position of its window; warmed up."""
+    decoder, tokens = filled_decoder(model, slots)
     for _ in range(3):
         decoder.decode_all(tokens)
     return lambda: decoder.decode_all(tokens)

@@ -99,3 +99,22 @@ def test_constrained_sampling_on_cuda_takes_only_what_the_grammar_allows() -> No
         matcher.consume(token)
         text += bytes([token])
     assert text.isdigit() and matcher.complete
+
+
+def test_the_captured_decode_step_equals_eager() -> None:
+    """Decoder.compile on CUDA: the step captured as CUDA graphs per bucket, replayed, gives the eager logits
+    and positions, a step over fewer slots padded to its bucket with riders."""
+    net = build(look_backward=2).to(CUDA)
+    generator = torch.Generator().manual_seed(9)
+    eager, captured = Decoder(net, num_slots=4), Decoder(net, num_slots=4)
+    for slot, length in enumerate((3, 9, 17, 30)):
+        prompt = torch.randint(0, 256, (length,), generator=generator).to(CUDA)
+        eager.prefill(slot, prompt)
+        captured.prefill(slot, prompt)
+    captured.compile(buckets=[1, 2, 4])
+    for first, stop in [(0, 4), (0, 1), (1, 3), (0, 4), (2, 4)] * 4:
+        tokens = torch.randint(0, 256, (stop - first,), generator=generator).to(CUDA)
+        expected = eager.decode(slice(first, stop), tokens)
+        got = captured.decode(slice(first, stop), tokens)
+        assert (got - expected).abs().max() <= 1e-4
+        assert torch.equal(captured.cache.lengths, eager.cache.lengths)
