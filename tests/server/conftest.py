@@ -44,7 +44,9 @@ def make_checkpoint(folder: Path, **overrides) -> Path:
 class ServerProcess:
     """`windowlm serve` in a subprocess, as an operator starts it."""
 
-    def __init__(self, weights: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, weights: Path, *flags: str, env: dict[str, str] | None = None, ready_timeout: float = 60
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
@@ -56,7 +58,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             command, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-        self.wait_ready()
+        self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
