@@ -12,7 +12,8 @@ of batch sizes (vLLM's CUDA-graph batch sizes do the same), a step over fewer sl
 bucket that holds them; on a CPU for batch 1, for all the slots, and once for every batch between. A step over slots
 first..last runs slots 0..last (or up to the bucket): the others ride along without advancing (Decoder.step).
 
-The compiled step holds the weights as they were when it was compiled, and does not check a model's
+The compiled step holds the weights as they were when it was compiled and runs on as many torch threads as
+there were then (inductor builds its CPU kernels for that count). It does not check a model's
 max_seq_len (that needs the positions on the host): its caller keeps positions in range (the server's
 scheduler does) and positions past it are clamped, never read out of bounds.
 """
@@ -105,6 +106,7 @@ class CompiledDecode:
                 torch._dynamo.mark_static_address(buffer)  # the same memory every replay: CUDA graphs may write it
         self.settings = inductor_settings(device)
         self.warm = False  # every graph compiled
+        self.threads = torch.get_num_threads()  # that it was compiled for
         mode = "reduce-overhead" if device.type == "cuda" else None
         self.step = torch.compile(graph, mode=mode, fullgraph=True, dynamic=False if self.buckets else None)
 
@@ -121,6 +123,11 @@ class CompiledDecode:
         """Tokens and advance (B,) of slots 0..B-1, B from `bucket` -> logits (B, V), as DecodeGraph."""
         cache = self.cache
         inputs = (tokens, advance, cache.key_rows, cache.value_rows, cache.lengths, cache.starts)
+        if self.warm and torch.get_num_threads() != self.threads:
+            raise RuntimeError(
+                f"the decode step was compiled for {self.threads} torch threads, not {torch.get_num_threads()}: "
+                "its kernels are built for that many (keep the count fixed, or compile again)"
+            )
         if not self.warm:
             with torch.inference_mode(), torch._inductor.config.patch(self.settings):
                 return self.step(*inputs)
@@ -147,5 +154,5 @@ class CompiledDecode:
                 elapsed = time.perf_counter() - started
                 what = f"batches 2-{slots - 1}" if symbolic else f"batch {size}"
                 progress(f"compiled decode step {number}/{len(sizes)} ({what}) in {elapsed:.1f} s")
-        self.warm = True
+        self.warm, self.threads = True, torch.get_num_threads()
         return time.perf_counter() - started

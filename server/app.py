@@ -52,7 +52,10 @@ def load_engine(settings: Settings, metrics: Metrics) -> Engine:
         stream_buffer=settings.stream_buffer,
         stall_timeout=settings.stall_timeout,
         faults=FaultInjector.from_environment(),
-        thread_tuner=thread_tuner(settings.threads is not None, functools.partial(set_threads, metrics)),
+        # a compiled step is built for the threads there are now (a change would compile it again): fixed
+        thread_tuner=thread_tuner(
+            settings.threads is not None or settings.compile, functools.partial(set_threads, metrics)
+        ),
     )
     if settings.compile:
         seconds = engine.runner.decoder.compile(progress=logger.info)

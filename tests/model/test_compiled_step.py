@@ -103,6 +103,15 @@ def test_compiled_step_on_the_cpu_graphs() -> None:
     run_both(eager, compiled, STEPS)
     greedy_equal(eager, compiled)
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # the kernels are built for `threads`: a clear error, not a recompile
+    try:
+        with pytest.raises(RuntimeError, match=f"compiled for {threads} torch threads"):
+            compiled.decode_all(torch.tensor([1, 2, 3]))
+    finally:
+        torch.set_num_threads(threads)
+    compiled.decode_all(torch.tensor([1, 2, 3]))
+
 
 def test_bucket_sizes() -> None:
     assert bucket_sizes(32) == [1, 2, 4, 8, 16, 32]
