@@ -5,7 +5,7 @@
 # httpx and pytest, and no package index: everything else comes from .ci/gpu-wheels (made beforehand by
 # `make gpu-wheels` on a machine that reaches one) into a virtual environment that sees the host's packages.
 # Then the GPU test set (tests/gpu), `windowlm bench decode` and `windowlm bench serve` on CUDA in bfloat16
-# (each step under its own timeout: 90 + 120 + 120 + 120 + 100 s, so the whole run ends within 10 minutes),
+# (each step under its own timeout: 90 + 150 + 120 + 120 + 100 s, so the whole run ends within 10 minutes),
 # and the compiled decode step (CUDA graphs) against the eager one;
 # every result lands in one folder (the first argument, default gpu-results), with a short summary at the end.
 # On a machine without CUDA the CUDA-only steps are skipped, and short CPU runs of the same benchmarks try the
@@ -46,7 +46,7 @@ cuda=$("$python" -c 'import torch; print(int(torch.cuda.is_available()))') || {
 
 step "GPU tests"
 if [ "$cuda" = 1 ]; then
-    WINDOWLM_REQUIRE_GPU=1 timeout 120 "$python" -m pytest -q -p no:cacheprovider -rs tests/gpu \
+    WINDOWLM_REQUIRE_GPU=1 timeout 150 "$python" -m pytest -q -p no:cacheprovider -rs tests/gpu \
         >"$results/gpu-tests.txt" 2>&1
 else
     timeout 60 "$python" -m pytest -q -p no:cacheprovider -rs tests/gpu >"$results/gpu-tests.txt" 2>&1

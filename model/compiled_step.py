@@ -93,6 +93,8 @@ class CompiledDecode:
     """
 
     def __init__(self, graph: DecodeGraph, cache: SlidingKVCache, buckets: Sequence[int] | None = None) -> None:
+        if not hasattr(torch.compiler, "set_stance") or not hasattr(torch._dynamo.config, "recompile_limit"):
+            raise RuntimeError(f"compiling the decode step needs torch 2.7 or later, not {torch.__version__}")
         self.cache = cache
         device = cache.keys.device
         if buckets is None and device.type == "cuda":
@@ -107,7 +109,8 @@ class CompiledDecode:
         self.settings = inductor_settings(device)
         self.warm = False  # every graph compiled
         self.threads = torch.get_num_threads()  # that it was compiled for
-        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.cuda = device.type == "cuda"
+        mode = "reduce-overhead" if self.cuda else None
         self.step = torch.compile(graph, mode=mode, fullgraph=True, dynamic=False if self.buckets else None)
 
     def bucket(self, slots: int) -> int:
@@ -132,9 +135,12 @@ class CompiledDecode:
             with torch.inference_mode(), torch._inductor.config.patch(self.settings):
                 return self.step(*inputs)
         # Every graph is compiled and every call passes the same buffers: of dynamo's guards only those telling
-        # the graphs apart need checking (checking them all costs a sixth of a batch-1 step)
-        with torch.inference_mode(), torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            return self.step(*inputs)
+        # the graphs apart need checking (checking them all costs a sixth of a batch-1 step), and a call that
+        # would compile again (minutes, without these settings) raises instead: the Decoder then runs eagerly
+        with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
+            logits = self.step(*inputs)
+        # CUDA graphs write every replay's output to the same memory: a copy, to outlive the next step
+        return logits.clone() if self.cuda else logits
 
     def warm_up(self, progress: Callable[[str], None] | None = None) -> float:
         """Compile every graph now (steps of riders only: they write nothing a later step reads) -> seconds."""
@@ -149,7 +155,8 @@ class CompiledDecode:
             if symbolic:  # one graph for batches 2 to slots - 1 (all the slots slice nothing: a graph of its own)
                 torch._dynamo.mark_dynamic(tokens, 0)
                 torch._dynamo.mark_dynamic(advance, 0)
-            self(tokens, advance)
+            for _ in range(3 if self.cuda else 1):  # CUDA graphs are recorded at the second or third call
+                self(tokens, advance)
             if progress is not None:
                 elapsed = time.perf_counter() - started
                 what = f"batches 2-{slots - 1}" if symbolic else f"batch {size}"

@@ -92,6 +92,8 @@ class Decoder:
             dtype=dtype,
         )
         self.compiled: CompiledDecode | None = None  # see compile
+        self.compiled_failures = 0  # compiled steps that raised and ran eagerly instead (see decode)
+        self.last_compiled_failure = ""
 
     def compile(self, buckets: Sequence[int] | None = None, progress: Callable[[str], None] | None = None) -> float:
         """Compile the decode step for each batch bucket now (model.compiled_step) -> the seconds it took. From
@@ -221,10 +223,16 @@ class Decoder:
     def decode(self, slots: Slots, tokens: Tensor, advance: Tensor | None = None) -> Tensor:
         """One token (B,) for each of slots (B,) -> next-token logits (B, num_tokens); `advance` as in `step`.
 
-        Once compiled, a range of slots runs the compiled step of the smallest bucket that holds it.
+        Once compiled, a range of slots runs the compiled step; where that raises (it would have to compile
+        again, or torch's threads changed), the eager step runs instead and `compiled_failures` counts it. A
+        compiled step that raises has written nothing or only what the eager step writes again.
         """
         if self.compiled is not None and isinstance(slots, slice):
-            return self.compiled_decode(slots, tokens, advance)
+            try:
+                return self.compiled_decode(slots, tokens, advance)
+            except Exception as error:  # the eager step is always there; the caller sees the count
+                self.compiled_failures += 1
+                self.last_compiled_failure = f"{type(error).__name__}: {error}"
         return self.step(slots, tokens[:, None], advance)[:, 0]
 
     def compiled_decode(self, slots: slice, tokens: Tensor, advance: Tensor | None) -> Tensor:

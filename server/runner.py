@@ -195,7 +195,14 @@ class ModelRunner:
             offsets = torch.tensor([row.slot - first for row in rows])  # (B,)
             fed = torch.zeros(span, dtype=torch.long).index_copy_(0, offsets, fed)  # (span,)
             advance = torch.zeros(span, dtype=torch.bool).index_fill_(0, offsets, True).to(self.device)  # (span,)
+        failures = self.decoder.compiled_failures
         logits = self.decoder.decode(slice(first, first + span), fed.to(self.device), advance)  # (span, V)
+        if self.decoder.compiled_failures > failures and (failures & (failures - 1)) == 0:  # 1st, 2nd, 4th, ...
+            logger.warning(
+                "the compiled decode step failed %d times, so far each time run eagerly instead; last: %s",
+                self.decoder.compiled_failures,
+                self.decoder.last_compiled_failure,
+            )
         return logits if advance is None else logits[offsets.to(self.device)]
 
     def sample(self, slots: list[int], logits: Tensor, output: StepOutput) -> None:
