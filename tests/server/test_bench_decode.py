@@ -9,17 +9,9 @@ import pytest
 
 from server.bench import decode
 from server.bench.decode import add_decode_bench_arguments, run_decode_bench
+from server.bench.timing import BENCH_MODEL
 
-TINY_MODEL = dict(
-    num_tokens=256,
-    dim=32,
-    depth=1,
-    heads=2,
-    dim_head=16,
-    local_attn_window_size=16,
-    use_dynamic_pos_bias=True,
-    num_residual_streams=1,
-)
+TINY_MODEL = dict(BENCH_MODEL, dim=32, depth=1, heads=2, dim_head=16, local_attn_window_size=16)
 
 
 def positive(figures: dict) -> bool:
